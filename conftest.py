@@ -1,0 +1,152 @@
+"""Suite entry point: options, the host-side controller (kernel, erofs-utils, VM workers),
+and the fixture library in fixtures/plugin.py.
+
+Two ways to run tests/fscache:
+  VM mode   pytest --dist load --tx 2*popen//python=tools/vm-python tests/fscache
+            The controller (this process) builds or reuses the kernel and erofs-utils, then
+            pytest-xdist starts each worker inside its own VM on that kernel.
+  host mode pytest --host-mode tests/fscache   (root, on a kernel that has the features)
+"""
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent
+sys.path.insert(0, str(REPO / "tools"))
+
+pytest_plugins = ["fixtures.plugin"]
+
+
+def _env_path(name):
+    return Path(os.environ[name]) if os.environ.get(name) else None
+
+
+def pytest_addoption(parser):
+    g = parser.getgroup("erofs-fscache")
+    g.addoption("--kernel", type=Path, default=_env_path("EROFS_TEST_KERNEL"),
+                help="test this bzImage (VM mode; env EROFS_TEST_KERNEL)")
+    g.addoption("--kernel-src", type=Path, default=_env_path("EROFS_TEST_KERNEL_SRC"),
+                help="build (or reuse) a kernel from this tree before the workers start "
+                     "(VM mode; env EROFS_TEST_KERNEL_SRC)")
+    g.addoption("--kernel-profile", default="default", help="kernel config profile: default or debug")
+    g.addoption("--mkfs", help="mkfs.erofs to use (env MKFS_EROFS; default: build erofs-utils)")
+    g.addoption("--strict", action="store_true", default=os.environ.get("EROFS_TEST_STRICT") == "1",
+                help="fail instead of skip when the kernel lacks a feature a test needs")
+    g.addoption("--host-mode", action="store_true",
+                help="run tests/fscache on this machine's own kernel (binds cachefiles and mounts here)")
+    g.addoption("--results", type=Path, help="per-test artifacts directory (default: results/)")
+    g.addoption("--test-timeout", type=float, default=float(os.environ.get("EROFS_TEST_TIMEOUT", "120")),
+                help="seconds before a test's daemon is killed (then the worker is ended)")
+
+
+def in_vm() -> bool:
+    return os.environ.get("EROFS_TEST_IN_VM") == "1"
+
+
+def is_worker(config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def vm_mode(config) -> bool:
+    return any("vm-python" in tx for tx in (config.getoption("tx", None) or []))
+
+
+def resolve_mkfs(config) -> None:
+    """Point MKFS_EROFS/DUMP_EROFS/FSCK_EROFS at the erofs-utils to test."""
+    mkfs = config.getoption("mkfs") or os.environ.get("MKFS_EROFS")
+    if mkfs:
+        mkfs = str(Path(mkfs).resolve())
+        os.environ["MKFS_EROFS"] = mkfs
+        d = Path(mkfs).parent
+        for tool, var in (("dump.erofs", "DUMP_EROFS"), ("fsck.erofs", "FSCK_EROFS")):
+            for cand in (d / tool, d.parent / tool.split(".")[0] / tool):
+                if cand.exists() and var not in os.environ:
+                    os.environ[var] = str(cand)
+        return
+    from vmtest import erofs_utils
+
+    utils = erofs_utils.find_built() or erofs_utils.build_from_debian()
+    os.environ.update(utils.env())
+
+
+def probe_guest(kernel: Path) -> dict | None:
+    """Boot once and read the guest's features (also proves the kernel boots)."""
+    cmd = [sys.executable, str(REPO / "tools" / "vm-run"), "--kernel", str(kernel), "--",
+           sys.executable, "-m", "fixtures.kernel", os.environ.get("MKFS_EROFS", "")]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    for line in r.stdout.splitlines():
+        if line.startswith("{"):
+            return json.loads(line)
+    raise pytest.UsageError(
+        f"the test kernel {kernel} did not boot or run Python (exit {r.returncode}).\n"
+        f"command: {shlex.join(cmd)}\n{r.stderr[-3000:]}"
+    )
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "crashes_kernel: runs in a VM of its own that is expected to crash")
+    results = config.getoption("results") or Path(os.environ.get("EROFS_TEST_RESULTS") or REPO / "results")
+    os.environ["EROFS_TEST_RESULTS"] = str(Path(results).resolve())
+    if config.getoption("strict"):
+        os.environ["EROFS_TEST_STRICT"] = "1"
+    if is_worker(config) or in_vm():
+        return
+    if vm_mode(config):
+        from vmtest import deps, kernel
+
+        try:
+            resolve_mkfs(config)
+            image = kernel.resolve_kernel(config.getoption("kernel"), config.getoption("kernel_src"),
+                                          config.getoption("kernel_profile"))
+        except deps.ToolError as e:
+            raise pytest.UsageError(str(e)) from None
+        os.environ["EROFS_TEST_KERNEL"] = str(image)
+        os.environ["EROFS_TEST_PYTHON"] = sys.executable
+        Path(os.environ["EROFS_TEST_RESULTS"]).mkdir(parents=True, exist_ok=True)
+        config._erofs_guest = probe_guest(image)
+
+
+def pytest_report_header(config):
+    from tabulate import tabulate
+
+    guest = getattr(config, "_erofs_guest", None)
+    if guest:
+        rows = guest["table"]
+        title = f"test kernel {os.environ.get('EROFS_TEST_KERNEL')} (probed in a VM)"
+    elif not is_worker(config):
+        from fixtures import kernel as fk
+
+        rows = fk.detect(os.environ.get("MKFS_EROFS")).table()
+        title = "this machine's kernel" + (" (inside the VM)" if in_vm() else "")
+    else:
+        return None
+    return [title, tabulate(rows, headers=["feature", "value"], tablefmt="simple"),
+            f"strict mode: {'on' if config.getoption('strict') else 'off'}"]
+
+
+def pytest_collection_finish(session):
+    """Host mode needs an explicit opt-in: it binds cachefiles and mounts on this machine."""
+    config = session.config
+    if is_worker(config) or in_vm():
+        return
+    if not any("tests/fscache" in item.nodeid for item in session.items):
+        return
+    if not config.getoption("host_mode"):
+        pytest.exit(
+            "tests/fscache needs a kernel with EROFS/cachefiles on-demand support. Run it in VMs "
+            "(`tox -e vm`, or `pytest --dist load --tx 2*popen//python=tools/vm-python tests/fscache`), "
+            "or on a disposable root machine whose kernel has the features with --host-mode.",
+            returncode=4,
+        )
+    from fixtures import kernel as fk
+
+    f = fk.detect(os.environ.get("MKFS_EROFS"))
+    reason = f.why_no_ondemand()
+    if os.geteuid() != 0 or reason:
+        pytest.exit(f"--host-mode refused: {reason or 'not root'}", returncode=4)

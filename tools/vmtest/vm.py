@@ -1,0 +1,162 @@
+"""Boot a test kernel with virtme-ng and run one command in it, stdio passed through.
+
+The guest sees the host's root over 9p (read-only, virtme-ng's overlays on top), the
+suite's cache root and a results directory read-write, and runs the command as root.
+The kernel console (and the command's stderr) goes to a log file on the host, read from
+vng's stderr through a pipe; stdout and stdin are the command's own, so execnet can speak
+through them.
+"""
+
+import functools
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import deps
+from .paths import REPO, cache_root
+
+# Environment the guest needs; vng forwards none.
+FORWARDED_ENV = (
+    "PATH", "LANG", "LC_ALL", "TERM", "PYTHONPATH", "PYTHONHASHSEED", "PYTHONDONTWRITEBYTECODE",
+    "EROFS_TEST_CACHE", "EROFS_TEST_RESULTS", "EROFS_TEST_STRICT", "EROFS_TEST_KERNEL",
+    "MKFS_EROFS", "DUMP_EROFS", "FSCK_EROFS", "CI", "HYPOTHESIS_PROFILE",
+    "PYTEST_XDIST_WORKER", "PYTEST_XDIST_TESTRUNUID",
+)
+PANIC_RE = re.compile(r"Kernel panic|kernel BUG at|Oops:|general protection fault|end Kernel panic")
+
+
+def vng_path() -> str:
+    exe = Path(sys.executable).with_name("vng")
+    if exe.exists():
+        return str(exe)
+    found = shutil.which("vng")
+    if not found:
+        raise deps.ToolError(
+            "virtme-ng is not installed (no `vng` next to this Python or on PATH). "
+            "Use the tox environments (`tox -e vm`), or `pip install virtme-ng` in your venv."
+        )
+    return found
+
+
+@functools.lru_cache(maxsize=1)
+def kvm_usable() -> bool:
+    """Probe KVM once: /dev/kvm can exist while qemu aborts on it ("failed to set MSR 0x10a")."""
+    if os.environ.get("EROFS_TEST_ACCEL") in ("tcg", "kvm"):
+        return os.environ["EROFS_TEST_ACCEL"] == "kvm"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False
+    stamp = cache_root() / "kvm-probe"
+    key = f"{os.uname().release} {shutil.which('qemu-system-x86_64')}"
+    if stamp.exists():
+        saved_key, _, verdict = stamp.read_text().rpartition(" ")
+        if saved_key == key:
+            return verdict == "yes"
+    try:
+        # The MSR failure happens at the first vCPU reset, before the guest runs.
+        r = subprocess.run(
+            ["qemu-system-x86_64", "-accel", "kvm", "-cpu", "host", "-machine", "q35",
+             "-display", "none", "-nodefaults", "-no-reboot", "-monitor", "stdio"],
+            input="info status\nquit\n", capture_output=True, text=True, timeout=30,
+        )
+        ok = r.returncode == 0 and "failed" not in r.stderr.lower()
+    except (OSError, subprocess.TimeoutExpired):
+        ok = False
+    stamp.write_text(f"{key} {'yes' if ok else 'no'}")
+    return ok
+
+
+@dataclass
+class GuestRun:
+    kernel: Path
+    command: list[str]
+    rwdirs: list[Path] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    memory: str = "2G"
+    cpus: int = 2
+    console_log: Path | None = None
+    cwd: Path = REPO
+    interactive: bool = False
+
+    def vng_argv(self) -> list[str]:
+        argv = [vng_path(), "--run", str(self.kernel), "--force-9p", "--user", "root",
+                "--memory", self.memory, "--cpus", str(self.cpus), "--cwd", str(self.cwd)]
+        if not kvm_usable():
+            argv.append("--disable-kvm")
+        for d in self.rwdirs:
+            argv += ["--rwdir", str(d)]
+        if self.interactive:
+            return argv
+        argv.append("--verbose")  # kernel console on stderr, which we log
+        env = [f"{k}={v}" for k, v in sorted(self.env.items())]
+        argv += ["--", "env", *env, *self.command]
+        return argv
+
+    def run(self) -> int:
+        """Run with stdin/stdout inherited; stderr (console) copied to the log file."""
+        deps.check(deps.VM_RUN, "boot the test kernel")
+        if not Path(self.kernel).is_file():
+            raise deps.ToolError(f"kernel image {self.kernel} does not exist; build one with tools/build-kernel")
+        argv = self.vng_argv()
+        if self.interactive:
+            return subprocess.call(argv)
+        log = open(self.console_log, "w") if self.console_log else None  # noqa: SIM115
+        proc = subprocess.Popen(argv, stdin=sys.stdin, stdout=sys.stdout, stderr=subprocess.PIPE)
+        panic: list[str] = []
+        recent: list[str] = []
+
+        def pump():
+            for raw in proc.stderr:
+                line = raw.decode(errors="replace")
+                if log:
+                    log.write(line)
+                    log.flush()
+                recent.append(line)
+                del recent[:-60]
+                if PANIC_RE.search(line) and not panic:
+                    panic.extend(recent[-30:])
+                    # A guest oops may wedge it; keep collecting lines after it.
+                if panic and len(panic) < 80 and line not in panic:
+                    panic.append(line)
+
+        t = threading.Thread(target=pump, daemon=True)
+        t.start()
+        rc = proc.wait()
+        t.join(5)
+        if log:
+            log.close()
+        if panic:
+            where = f" (full console log: {self.console_log})" if self.console_log else ""
+            sys.stderr.write(
+                f"vm-python: the guest kernel crashed{where}; console lines around it:\n"
+                + "".join(panic[:80])
+            )
+        return rc
+
+
+def guest_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    env.setdefault("PYTHONDONTWRITEBYTECODE", "1")
+    env.update(extra or {})
+    return env
+
+
+def default_kernel() -> Path | None:
+    k = os.environ.get("EROFS_TEST_KERNEL")
+    return Path(k) if k else None
+
+
+def timestamped_log(results: Path, stem: str) -> Path:
+    d = results / "console"
+    d.mkdir(parents=True, exist_ok=True)
+    return d / f"{stem}-{time.strftime('%H%M%S')}-{os.getpid()}.log"
+
+
+def quote(argv: list[str]) -> str:
+    return shlex.join(argv)
