@@ -20,6 +20,8 @@ import pytest
 REPO = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO / "tools"))
 
+from fixtures.kernel import strict_mode  # noqa: E402
+
 pytest_plugins = ["fixtures.plugin"]
 
 
@@ -36,8 +38,6 @@ def pytest_addoption(parser):
                      "(VM mode; env EROFS_TEST_KERNEL_SRC)")
     g.addoption("--kernel-profile", default="default", help="kernel config profile: default or debug")
     g.addoption("--mkfs", help="mkfs.erofs to use (env MKFS_EROFS; default: build erofs-utils)")
-    g.addoption("--strict", action="store_true", default=os.environ.get("EROFS_TEST_STRICT") == "1",
-                help="fail instead of skip when the kernel lacks a feature a test needs")
     g.addoption("--host-mode", action="store_true",
                 help="run tests/fscache on this machine's own kernel (binds cachefiles and mounts here)")
     g.addoption("--results", type=Path, help="per-test artifacts directory (default: results/)")
@@ -93,7 +93,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "crashes_kernel: runs in a VM of its own that is expected to crash")
     results = config.getoption("results") or Path(os.environ.get("EROFS_TEST_RESULTS") or REPO / "results")
     os.environ["EROFS_TEST_RESULTS"] = str(Path(results).resolve())
-    if config.getoption("strict"):
+    if strict_mode(config):
         os.environ["EROFS_TEST_STRICT"] = "1"
     if is_worker(config) or in_vm():
         return
@@ -127,7 +127,7 @@ def pytest_report_header(config):
     else:
         return None
     return [title, tabulate(rows, headers=["feature", "value"], tablefmt="simple"),
-            f"strict mode: {'on' if config.getoption('strict') else 'off'}"]
+            f"strict mode: {'on' if strict_mode(config) else 'off'}"]
 
 
 def pytest_collection_finish(session):

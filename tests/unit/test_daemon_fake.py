@@ -1,0 +1,692 @@
+"""OnDemandDaemon against a fake /dev/cachefiles (no kernel support needed).
+
+The fake device is a SOCK_SEQPACKET socketpair: each send() is one request
+message for the daemon's read(), each of the daemon's write()s (commands,
+copen) arrives as one packet.  Anonymous fds are real fds of this process (the
+daemon runs in a thread) or, for the CLI tests, fds passed to the child at the
+same number; READ targets are O_DIRECT files, so alignment mistakes fail the
+way they would on the kernel's anon fd.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import io
+import json
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from fixtures.ondemand import holder
+from fixtures.ondemand import protocol as P
+from fixtures.ondemand.client import (
+    DaemonControl,
+    DaemonControlError,
+    DaemonDeadError,
+    DaemonStartError,
+    read_request_log,
+    wait_ready,
+)
+from fixtures.ondemand.daemon import OnDemandDaemon
+
+REPO = Path(__file__).resolve().parents[2]
+DAEMON = REPO / "tools" / "ondemand-daemon"
+PAGE = 4096
+
+
+# --------------------------------------------------------------------------- helpers
+
+class FakeKernel:
+    """Plays the kernel side of /dev/cachefiles."""
+
+    def __init__(self):
+        self.sock, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.dev_fd = peer.detach()
+        self.sock.settimeout(5)
+        self._msg_id = 0
+        self._object_id = 0
+
+    def _next_msg(self) -> int:
+        self._msg_id += 1
+        return self._msg_id - 1
+
+    def send(self, data: bytes) -> None:
+        self.sock.send(data)
+
+    def recv(self) -> bytes:
+        return self.sock.recv(8192)
+
+    def expect_nothing(self, wait: float = 0.3) -> None:
+        self.sock.settimeout(wait)
+        try:
+            with pytest.raises(TimeoutError):
+                self.recv()
+        finally:
+            self.sock.settimeout(5)
+
+    def open(self, cookie: str | bytes, fd: int, volume: str = "erofs,dom") -> tuple[int, int]:
+        self._object_id += 1
+        msg_id = self._next_msg()
+        self.send(P.encode_open(msg_id, self._object_id, volume, cookie, fd))
+        return msg_id, self._object_id
+
+    def read(self, object_id: int, off: int, length: int) -> int:
+        msg_id = self._next_msg()
+        self.send(P.encode_read(msg_id, object_id, off, length))
+        return msg_id
+
+    def close(self, object_id: int) -> int:
+        msg_id = self._next_msg()
+        self.send(P.encode_close(msg_id, object_id))
+        return msg_id
+
+
+def pipe_anon() -> tuple[int, int]:
+    """(reader, anon fd): the reader sees EOF once the daemon closed the anon fd."""
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    os.set_inheritable(w, True)  # like the kernel's anon fd: no O_CLOEXEC
+    return r, w
+
+
+def anon_closed(reader: int) -> bool:
+    try:
+        return os.read(reader, 1) == b""
+    except BlockingIOError:
+        return False
+
+
+def file_anon(path: Path) -> int:
+    """A direct-I/O file standing in for the anon fd of a cache file."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)
+    os.set_inheritable(fd, True)
+    return fd
+
+
+class _PyBuffer(ctypes.Structure):
+    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p), ("len", ctypes.c_ssize_t),
+                ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
+                ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
+                ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p)]
+
+
+def buffer_address(obj) -> int:
+    view = _PyBuffer()
+    if ctypes.pythonapi.PyObject_GetBuffer(ctypes.py_object(obj), ctypes.byref(view), 0):
+        raise OSError("PyObject_GetBuffer failed")
+    try:
+        return view.buf
+    finally:
+        ctypes.pythonapi.PyBuffer_Release(ctypes.byref(view))
+
+
+@dataclass
+class Harness:
+    daemon: OnDemandDaemon
+    kernel: FakeKernel
+    ctl: DaemonControl
+    log_path: Path
+    tmp: Path
+    thread: threading.Thread
+    ready: io.StringIO
+    completions: queue.Queue = field(default_factory=queue.Queue)
+    exits: list = field(default_factory=list)
+
+    def entries(self, op: str | None = None) -> list[dict]:
+        return [e for e in read_request_log(self.log_path) if op is None or e["op"] == op]
+
+    def completion(self, timeout: float = 5.0) -> tuple[int, int]:
+        return self.completions.get(timeout=timeout)
+
+    def stop(self) -> None:
+        self.daemon.stop()
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture
+def sockdir():
+    d = tempfile.mkdtemp(prefix="od-", dir="/tmp")  # AF_UNIX paths must stay short
+    yield Path(d)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def blobs(tmp_path):
+    d = tmp_path / "blobs"
+    d.mkdir()
+    data = {"blob1": os.urandom(10000), "blob2": os.urandom(3 * PAGE), "big": os.urandom(3 * 2**20 + 123)}
+    for name, content in data.items():
+        (d / name).write_bytes(content)
+    return d, data
+
+
+@pytest.fixture
+def start(tmp_path, sockdir, blobs):
+    """start(**daemon_kwargs) -> Harness with the daemon bound to a FakeKernel."""
+    started = []
+
+    def _start(**kwargs) -> Harness:
+        kernel = FakeKernel()
+        cache = tmp_path / "cache"
+        cache.mkdir(exist_ok=True)
+        completions: queue.Queue = queue.Queue()
+        exits: list = []
+        opts = {"tag": "t", "blobs_dir": str(blobs[0]), "log_path": str(tmp_path / "requests.jsonl"),
+                "control_path": str(sockdir / "ctl"), "dev_fd": kernel.dev_fd, "fill_granularity": 4 * PAGE,
+                "read_complete": lambda fd, msg_id: completions.put((fd, msg_id)), "exit_fn": exits.append}
+        opts.update(kwargs)
+        daemon = OnDemandDaemon(str(cache), **opts)
+        out = io.StringIO()
+        thread = threading.Thread(target=daemon.run, args=(out,), daemon=True)
+        thread.start()
+        h = Harness(daemon, kernel, DaemonControl(opts["control_path"], timeout=10),
+                    Path(opts["log_path"]), tmp_path, thread, out, completions, exits)
+        started.append(h)
+        deadline = time.monotonic() + 5
+        while "\n" not in out.getvalue() and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return h
+
+    yield _start
+    for h in started:
+        h.stop()
+
+
+@pytest.fixture
+def h(start) -> Harness:
+    h = start()
+    assert h.ready.getvalue() == f"READY {os.getpid()}\n"
+    if not h.daemon._dev_bound:
+        assert [h.kernel.recv() for _ in range(3)] == [
+            f"dir {h.tmp / 'cache'}".encode(), b"tag t", b"bind ondemand"]
+    return h
+
+
+# --------------------------------------------------------------------------- startup
+
+def test_binds_then_reports_ready(h):
+    assert h.ctl.ping() == os.getpid()
+    h.kernel.expect_nothing()
+
+
+def test_injected_bound_fd_writes_restore(start):
+    h = start(dev_fd_bound=True)
+    assert h.ready.getvalue().startswith("READY ")
+    assert h.kernel.recv() == b"restore"
+
+
+def test_bind_failure_reports_error(start):
+    kernel = FakeKernel()
+    kernel.sock.close()  # every write now fails with EPIPE
+    h = start(dev_fd=kernel.dev_fd)
+    h.thread.join(5)
+    assert h.ready.getvalue().startswith(f"ERROR {errno.EPIPE} 'dir ")
+    assert not os.path.exists(h.ctl.path)
+
+
+# --------------------------------------------------------------------------- OPEN / CLOSE
+
+def test_open_known_blob_copens_its_size_and_sets_cloexec(h):
+    reader, anon = pipe_anon()
+    msg_id, obj = h.kernel.open("blob1", anon)
+    assert h.kernel.recv() == b"copen %d,10000" % msg_id
+    h.ctl.wait_idle()
+    assert not os.get_inheritable(anon)
+    assert not anon_closed(reader)
+    st = h.ctl.status()
+    assert st["objects"] == {str(obj): "blob1"}
+    assert st["counts"]["OPEN"] == 1 and st["in_flight"] == 0
+    (entry,) = h.entries()
+    assert entry["op"] == "OPEN" and entry["reply"] == f"copen {msg_id},10000"
+    assert (entry["volume_key"], entry["cookie_key"], entry["errno"]) == ("erofs,dom", "blob1", None)
+
+
+def test_open_unknown_blob_fails_with_enoent_and_closes_fd(h):
+    reader, anon = pipe_anon()
+    msg_id, _ = h.kernel.open("nosuchblob", anon)
+    assert h.kernel.recv() == b"copen %d,-2" % msg_id
+    h.ctl.wait_idle()
+    assert anon_closed(reader)
+    assert h.ctl.status()["objects"] == {}
+
+
+def test_close_releases_the_anon_fd(h):
+    reader, anon = pipe_anon()
+    _, obj = h.kernel.open("blob2", anon)
+    h.kernel.recv()
+    h.kernel.close(obj)
+    h.ctl.wait_idle()
+    assert anon_closed(reader)
+    assert h.ctl.status()["objects"] == {}
+    close = h.entries("CLOSE")[0]
+    assert (close["object_id"], close["cookie_key"], close["reply"]) == (obj, "blob2", "none")
+    h.kernel.expect_nothing()  # CLOSE has no reply
+
+
+def test_malformed_messages_are_logged_and_survived(h):
+    h.kernel.send(b"\x01\x02\x03")
+    h.kernel.send(P.encode_header(5, P.OP_CLOSE, 99, 1))
+    h.kernel.send(P.encode_header(6, 42, 16, 1))
+    _reader, anon = pipe_anon()
+    msg_id, _ = h.kernel.open("blob1", anon)
+    assert h.kernel.recv() == b"copen %d,10000" % msg_id
+    h.ctl.wait_idle()
+    bad = h.entries("MALFORMED")
+    assert [e["msg_id"] for e in bad] == [None, 5, 6]
+    assert "truncated header" in bad[0]["error"] and bad[0]["raw"] == "010203"
+    assert "unknown opcode 42" in bad[2]["error"]
+    assert h.ctl.status()["counts"]["MALFORMED"] == 3
+
+
+# --------------------------------------------------------------------------- READ
+
+def test_read_fills_aligned_range_with_padded_tail(h, blobs):
+    anon = file_anon(h.tmp / "obj1")
+    _, obj = h.kernel.open("blob1", anon)
+    h.kernel.recv()
+    msg_id = h.kernel.read(obj, 0, PAGE)
+    assert h.completion() == (anon, msg_id)
+    h.ctl.wait_idle()
+    data = (h.tmp / "obj1").read_bytes()
+    # fill_granularity 16 KiB, clipped at round_up(10000, 4096) = 12288
+    assert len(data) == 12288
+    assert data[:10000] == blobs[1]["blob1"] and data[10000:] == bytes(2288)
+    read = h.entries("READ")[0]
+    assert (read["off"], read["len"], read["bytes_written"]) == (0, PAGE, 12288)
+    assert (read["reply"], read["errno"]) == ("read_complete", None)
+
+
+def test_read_writes_page_aligned_buffers_in_few_calls(start, blobs):
+    calls = []
+
+    def pwritev(fd, bufs, off):
+        calls.append((off, [len(b) for b in bufs], [buffer_address(b) for b in bufs]))
+        return os.pwritev(fd, bufs, off)
+
+    h = start(pwritev=pwritev, fill_granularity=2**20)
+    anon = file_anon(h.tmp / "big")
+    _, obj = h.kernel.open("big", anon)
+    h.kernel.recv()
+    for off, length in ((0, PAGE), (2**20 + 8192, 3 * PAGE), (3 * 2**20, PAGE)):
+        h.kernel.read(obj, off, length)
+        h.completion()
+    h.ctl.wait_idle()
+    assert [c[0] for c in calls] == [0, 2**20 + 8192, 3 * 2**20]
+    for off, lengths, addrs in calls:
+        assert off % PAGE == 0
+        assert all(n % PAGE == 0 for n in lengths) and all(a % PAGE == 0 for a in addrs)
+        assert len(lengths) <= 2
+    assert calls[0][1] == [2**20]                  # filled to the 1 MiB boundary
+    assert calls[1][1] == [2**20 - 8192]
+    assert calls[2][1] == [PAGE]                   # the padded tail page only
+    data = (h.tmp / "big").read_bytes()
+    blob = blobs[1]["big"]
+    assert data[:2**20] == blob[:2**20]
+    assert data[2**20:2**20 + 8192] == bytes(8192)     # never requested
+    assert data[2**20 + 8192:2 * 2**20] == blob[2**20 + 8192:2 * 2**20]
+    assert data[3 * 2**20:] == blob[3 * 2**20:] + bytes(PAGE - 123)
+
+
+def test_size_override_serves_zeros_beyond_the_blob(h, blobs):
+    h.ctl.size_override("blob2", 5 * PAGE)
+    anon = file_anon(h.tmp / "obj2")
+    msg_id, obj = h.kernel.open("blob2", anon)
+    assert h.kernel.recv() == b"copen %d,20480" % msg_id
+    h.kernel.read(obj, 2 * PAGE, 3 * PAGE)
+    h.completion()
+    data = (h.tmp / "obj2").read_bytes()
+    assert data[2 * PAGE:3 * PAGE] == blobs[1]["blob2"][2 * PAGE:]
+    assert data[3 * PAGE:] == bytes(2 * PAGE)
+    h.ctl.size_override("blob2", None)
+    _reader, anon = pipe_anon()
+    msg_id, _ = h.kernel.open("blob2", anon)
+    assert h.kernel.recv() == b"copen %d,12288" % msg_id
+
+
+def test_read_for_unknown_object_is_logged(h):
+    h.kernel.read(77, 0, PAGE)
+    h.ctl.wait_idle()
+    (read,) = h.entries("READ")
+    assert (read["object_id"], read["errno"], read["reply"]) == (77, errno.EBADF, "none")
+    assert h.completions.empty()
+
+
+def test_slow_read_does_not_block_others(h):
+    slow = file_anon(h.tmp / "slow")
+    fast = file_anon(h.tmp / "fast")
+    _, slow_obj = h.kernel.open("big", slow)
+    h.kernel.recv()
+    _, fast_obj = h.kernel.open("blob1", fast)
+    h.kernel.recv()
+    h.ctl.delay(1.0, op="READ", cookie="big")
+    slow_msg = h.kernel.read(slow_obj, 0, PAGE)
+    fast_msg = h.kernel.read(fast_obj, 0, PAGE)
+    assert h.completion(timeout=0.8) == (fast, fast_msg)
+    assert h.completion(timeout=3) == (slow, slow_msg)
+
+
+def test_close_during_read_keeps_fd_until_the_read_is_done(h, blobs):
+    anon = file_anon(h.tmp / "obj")
+    _, obj = h.kernel.open("blob2", anon)
+    h.kernel.recv()
+    h.ctl.delay(0.3, op="READ", once=True)
+    msg_id = h.kernel.read(obj, 0, PAGE)
+    h.kernel.close(obj)
+    assert h.completion() == (anon, msg_id)
+    h.ctl.wait_idle()
+    assert h.entries("READ")[0]["errno"] is None
+    assert (h.tmp / "obj").read_bytes() == blobs[1]["blob2"]
+    with pytest.raises(OSError):
+        os.fstat(anon)  # closed after the read finished
+
+
+# --------------------------------------------------------------------------- faults
+
+def test_fail_open_once_then_normal(h):
+    h.ctl.fail_open(errno.EIO, cookie="blob1", once=True)
+    readers = []
+    for cookie, expect in (("blob2", b"12288"), ("blob1", b"-5"), ("blob1", b"10000")):
+        reader, anon = pipe_anon()
+        readers.append(reader)
+        msg_id, _ = h.kernel.open(cookie, anon)
+        assert h.kernel.recv() == b"copen %d,%s" % (msg_id, expect)
+    h.ctl.wait_idle()
+    assert [anon_closed(r) for r in readers] == [False, True, False]
+    assert h.entries("OPEN")[1]["fault"] == "fail_open"
+
+
+def test_fail_open_accepts_errno_names_and_rejects_nonsense(h):
+    assert h.ctl.fault("fail_open", errno="EACCES")["errno"] == errno.EACCES
+    with pytest.raises(DaemonControlError, match="errno in 1..4095"):
+        h.ctl.fail_open(5000)
+    with pytest.raises(DaemonControlError, match="unknown fault"):
+        h.ctl.fault("explode")
+
+
+def test_copen_raw_octal_opens_with_the_parsed_size(h):
+    h.ctl.copen_raw("copen {id},010", once=True)
+    _reader, anon = pipe_anon()
+    msg_id, obj = h.kernel.open("blob1", anon)
+    assert h.kernel.recv() == b"copen %d,010" % msg_id
+    h.ctl.wait_idle()
+    assert h.ctl.status()["objects"] == {str(obj): "blob1"}
+    assert h.entries("OPEN")[0]["reply"] == f"copen {msg_id},010"
+
+
+def test_copen_raw_rejected_falls_back_to_a_proper_copen(h):
+    h.ctl.copen_raw("copen x,{size}", once=True)
+    _reader, anon = pipe_anon()
+    msg_id, _ = h.kernel.open("blob1", anon)
+    assert h.kernel.recv() == b"copen x,10000"
+    assert h.kernel.recv() == b"copen %d,10000" % msg_id
+    h.ctl.copen_raw("copen {id}", once=True, fallback=False)
+    reader2, anon2 = pipe_anon()
+    msg_id2, _ = h.kernel.open("blob1", anon2)
+    assert h.kernel.recv() == b"copen %d" % msg_id2
+    h.kernel.expect_nothing()
+    h.ctl.wait_idle()
+    assert h.ctl.status()["orphan_fds"] == 1   # the kernel's OPEN stays pending
+    assert not anon_closed(reader2)
+
+
+def test_copen_raw_bad_size_fails_the_open_and_closes_fd(h):
+    h.ctl.copen_raw("copen {id},abc", once=True)
+    reader, anon = pipe_anon()
+    msg_id, _ = h.kernel.open("blob1", anon)
+    assert h.kernel.recv() == b"copen %d,abc" % msg_id
+    h.ctl.wait_idle()
+    assert anon_closed(reader)
+    assert h.ctl.status()["objects"] == {}
+
+
+def test_fail_read_skip_data_completes_without_writing(h):
+    anon = file_anon(h.tmp / "obj")
+    _, obj = h.kernel.open("blob1", anon)
+    h.kernel.recv()
+    h.ctl.fail_read("skip_data", once=True)
+    msg_id = h.kernel.read(obj, 0, PAGE)
+    assert h.completion() == (anon, msg_id)
+    h.ctl.wait_idle()
+    assert (h.tmp / "obj").stat().st_size == 0
+    read = h.entries("READ")[0]
+    assert (read["bytes_written"], read["fault"]) == (0, "fail_read:skip_data")
+
+
+def test_fail_read_ignore_never_answers_and_does_not_block_wait_idle(h):
+    anon = file_anon(h.tmp / "obj")
+    _, obj = h.kernel.open("blob1", anon)
+    h.kernel.recv()
+    h.ctl.fail_read("ignore", cookie="blob1")
+    msg_id = h.kernel.read(obj, 0, PAGE)
+    h.ctl.wait_idle(timeout=5)
+    assert h.completions.empty()
+    assert h.ctl.status()["ignored"] == [msg_id]
+    h.ctl.clear_faults()
+    assert h.ctl.status()["faults"] == []
+    msg_id = h.kernel.read(obj, 0, PAGE)
+    assert h.completion() == (anon, msg_id)
+
+
+def test_wait_idle_times_out_while_a_request_is_in_flight(h):
+    anon = file_anon(h.tmp / "obj")
+    _, obj = h.kernel.open("blob1", anon)
+    h.kernel.recv()
+    h.ctl.delay(1.0, op="READ", once=True)
+    h.kernel.read(obj, 0, PAGE)
+    time.sleep(0.1)
+    with pytest.raises(DaemonControlError, match="not idle after 0.2s .*in_flight=1"):
+        h.ctl.wait_idle(timeout=0.2)
+    h.ctl.wait_idle(timeout=5)
+    assert h.completions.qsize() == 1
+
+
+def test_delay_open(h):
+    h.ctl.delay(0.4, op="OPEN", once=True)
+    _reader, anon = pipe_anon()
+    t0 = time.monotonic()
+    h.kernel.open("blob1", anon)
+    h.kernel.recv()
+    assert time.monotonic() - t0 >= 0.35
+
+
+def test_close_anon_early_is_always_one_shot(h):
+    h.ctl.close_anon_early(cookie="blob1")
+    assert h.ctl.status()["faults"][0]["once"] is True
+    reader, anon = pipe_anon()
+    msg_id, _ = h.kernel.open("blob1", anon)
+    assert h.kernel.recv() == b"copen %d,10000" % msg_id
+    h.ctl.wait_idle()
+    assert anon_closed(reader)
+    assert h.ctl.status()["objects"] == {} and h.ctl.status()["faults"] == []
+    reader, anon = pipe_anon()
+    _, obj = h.kernel.open("blob1", anon)   # the kernel's re-open keeps its fd
+    h.kernel.recv()
+    h.ctl.wait_idle()
+    assert not anon_closed(reader)
+    assert h.ctl.status()["objects"] == {str(obj): "blob1"}
+
+
+def test_exit_abruptly_at_next_request(h):
+    h.ctl.exit_abruptly()
+    _reader, anon = pipe_anon()
+    msg_id, _ = h.kernel.open("blob1", anon)
+    h.thread.join(5)
+    assert h.exits == [1]
+    assert h.kernel.recv() == b""   # device closed without a copen
+    (entry,) = h.entries()
+    assert (entry["msg_id"], entry["reply"]) == (msg_id, "exit")
+
+
+def test_exit_abruptly_now_replies_first(h):
+    h.ctl.exit_abruptly(now=True)
+    h.thread.join(5)
+    assert h.exits == [1]
+
+
+# --------------------------------------------------------------------------- control channel
+
+def test_control_errors_are_reported(h, sockdir):
+    with pytest.raises(DaemonControlError, match="unknown command 'frobnicate'"):
+        h.ctl.call("frobnicate")
+    with pytest.raises(DaemonControlError, match="missing parameter 'name'"):
+        h.ctl.call("add_blob", path="/x")
+    with pytest.raises(DaemonControlError, match="not a regular file"):
+        h.ctl.add_blob("x", "/nonexistent")
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(h.ctl.path)
+        s.sendall(b"{not json\n[1]\n")
+        f = s.makefile("rb")
+        assert not json.loads(f.readline())["ok"]
+        assert "JSON object" in json.loads(f.readline())["error"]
+    with pytest.raises(DaemonDeadError):
+        DaemonControl(str(sockdir / "nothing-here")).ping()
+
+
+def test_add_blob_at_runtime(h, tmp_path):
+    extra = tmp_path / "elsewhere.img"
+    extra.write_bytes(b"x" * 5000)
+    h.ctl.add_blob("late", str(extra))
+    _reader, anon = pipe_anon()
+    msg_id, _ = h.kernel.open("late", anon)
+    assert h.kernel.recv() == b"copen %d,5000" % msg_id
+    assert "late" in h.ctl.status()["blobs"]
+
+
+def test_cull_inuse_restore_commands(h):
+    (h.tmp / "cache" / "cache" / "Ierofs,dom").mkdir(parents=True)
+    cwd = os.getcwd()
+    assert h.ctl.cull("Dblob1", "cache/Ierofs,dom") == 0
+    assert h.kernel.recv() == b"cull Dblob1"
+    assert h.ctl.inuse("Dblob1") == 0
+    assert h.kernel.recv() == b"inuse Dblob1"
+    assert h.ctl.restore() == 0
+    assert h.kernel.recv() == b"restore"
+    assert os.getcwd() == cwd
+    with pytest.raises(DaemonControlError, match="No such file"):
+        h.ctl.cull("x", "missing-dir")
+    with pytest.raises(DaemonControlError, match="newline"):
+        h.ctl.cull("x\nbind")
+
+
+def test_request_log_schema(h):
+    anon = file_anon(h.tmp / "obj")
+    _, obj = h.kernel.open("blob1", anon)
+    h.kernel.recv()
+    h.kernel.read(obj, 0, PAGE)
+    h.completion()
+    h.kernel.close(obj)
+    h.kernel.send(b"bad")
+    h.ctl.wait_idle()
+    entries = h.entries()
+    assert [e["op"] for e in entries] == ["OPEN", "READ", "CLOSE", "MALFORMED"]
+    keys = {"op", "msg_id", "object_id", "volume_key", "cookie_key", "off", "len", "reply",
+            "errno", "bytes_written", "t", "wall"}
+    assert all(keys <= e.keys() for e in entries)
+    assert [e["msg_id"] for e in entries[:3]] == [0, 1, 2]
+    assert entries[0]["t"] <= entries[1]["t"] <= entries[2]["t"]
+
+
+def test_read_request_log_ignores_a_torn_last_line(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"op": "OPEN"}\n{"op": "READ"}\n{"op": "CL')
+    assert read_request_log(path) == [{"op": "OPEN"}, {"op": "READ"}]
+    assert read_request_log(tmp_path / "missing") == []
+
+
+# --------------------------------------------------------------------------- processes: CLI, holder, failover
+
+def _spawn(args, **kw):
+    return subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, **kw)
+
+
+def test_cli_help():
+    r = subprocess.run([str(DAEMON), "--help"], check=False, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0
+    for opt in ("--cache", "--tag", "--blobs", "--blob", "--log", "--control", "--fill-granularity",
+                "--threads", "--adopt-socket", "--hold-socket"):
+        assert opt in r.stdout
+
+
+def test_cli_reports_bind_errors(tmp_path):
+    proc = _spawn([DAEMON, "--cache", tmp_path, "--device", tmp_path / "no-such-device"])
+    with pytest.raises(DaemonStartError) as info:
+        wait_ready(proc, timeout=20)
+    assert info.value.errno == errno.ENOENT
+    assert proc.wait(10) == 1
+
+
+def test_failover_through_the_holder(tmp_path, sockdir, blobs):
+    hold = str(sockdir / "hold")
+    holder_proc = _spawn(["-m", "fixtures.ondemand.holder", "--socket", hold])
+    kernel = FakeKernel()
+    try:
+        wait_ready(holder_proc, timeout=20)
+        holder.put_fd(hold, kernel.dev_fd)
+        os.close(kernel.dev_fd)
+        reader, anon = pipe_anon()
+        ctl_path = sockdir / "ctl"
+        argv = [DAEMON, "--cache", tmp_path, "--blobs", blobs[0], "--adopt-socket", hold,
+                "--control", ctl_path, "--log", tmp_path / "log.jsonl"]
+        first = _spawn(argv, pass_fds=(anon,))
+        os.close(anon)   # the daemon owns the "anon fd" now
+        assert wait_ready(first, timeout=20) == first.pid
+        assert kernel.recv() == b"restore"
+        msg_id, obj = kernel.open("blob1", anon)
+        assert kernel.recv() == b"copen %d,10000" % msg_id
+        ctl = DaemonControl(str(ctl_path))
+        ctl.wait_idle()
+        assert ctl.status()["objects"] == {str(obj): "blob1"}
+
+        ctl.exit_abruptly(now=True)       # crash: the holder keeps the device fd
+        assert first.wait(10) == 1
+        assert anon_closed(reader)        # the dead daemon's anon fds are gone
+
+        second = _spawn(argv)
+        assert wait_ready(second, timeout=20) == second.pid
+        assert kernel.recv() == b"restore"
+        assert ctl.status()["pid"] == second.pid
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(10) == 0
+        assert not ctl_path.exists()
+        entries = read_request_log(tmp_path / "log.jsonl")
+        assert [e["op"] for e in entries] == ["OPEN"]
+    finally:
+        for p in (holder_proc, locals().get("first"), locals().get("second")):
+            if p and p.poll() is None:
+                p.kill()
+                p.wait(10)
+
+
+def test_hold_socket_hands_the_device_fd_to_the_holder(start, sockdir):
+    hold = str(sockdir / "hold")
+    server = holder.Holder(hold)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        h = start(hold_socket=hold)
+        assert [h.kernel.recv() for _ in range(3)][-1] == b"bind ondemand"
+        copy = holder.get_fd(hold)
+        os.write(copy, b"restore")        # the same device: the fake kernel sees it
+        assert h.kernel.recv() == b"restore"
+        os.close(copy)
+        assert holder.ping(hold) == os.getpid()
+        holder.drop_fd(hold)
+        with pytest.raises(holder.HolderError, match="holds no fd"):
+            holder.get_fd(hold)
+    finally:
+        server.stop()
+        thread.join(5)
