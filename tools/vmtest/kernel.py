@@ -11,10 +11,10 @@ import gzip
 import hashlib
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
-import shlex
 import time
 import zlib
 from dataclasses import dataclass

@@ -1,0 +1,366 @@
+"""Build mkfs.erofs, dump.erofs and fsck.erofs for the test suite.
+
+Two sources:
+
+* `build_from_tree(src)`: an erofs-utils source tree (erofs-utils CI passes the tree
+  under test).  The tree is copied (git-tracked and untracked-but-not-ignored files, or
+  everything but build products outside git), so the caller's tree is never written to.
+* `build_from_debian()`: the newest `erofs-utils` source package of Debian sid, fetched
+  through `debian.PrivateApt` (a private apt configuration; the system one is untouched).
+
+Builds land in `<cache>/erofs-utils/<key>/bin/` where `<cache>` is `$EROFS_TEST_CACHE`
+(default `~/.cache/erofs-fscache-tests`) and `<key>` identifies the source (a digest of the
+tree's content and version string, or the Debian version).  A finished entry is reused;
+entries are created by an atomic rename of a private work directory, so several processes
+(or VMs sharing the cache over 9p) never see a half-built entry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from . import debian, deps
+from .paths import cache_root
+
+TOOLS = {"mkfs": "mkfs.erofs", "dump": "dump.erofs", "fsck": "fsck.erofs"}
+ENV_NAMES = {"mkfs": "MKFS_EROFS", "dump": "DUMP_EROFS", "fsck": "FSCK_EROFS"}
+# Bump when the recipe below changes, so old cache entries are not reused.
+RECIPE = 1
+CONFIGURE_FLAGS = [
+    "--enable-lz4", "--enable-lzma", "--with-uuid", "--with-zlib",
+    # optional features left out, so the result does not depend on what the host has
+    "--disable-fuse", "--without-selinux", "--without-libzstd", "--without-libdeflate",
+    "--without-qpl", "--without-xxhash", "--without-libcurl", "--without-openssl",
+    "--without-libxml2", "--without-json-c", "--without-libnl3",
+]  # fmt: skip
+SUBDIRS = ["lib", "mkfs", "dump", "fsck"]
+
+BUILD_DEPS = (
+    deps.Dep("autoconf", "autoconf"),
+    deps.Dep("aclocal", "automake"),
+    deps.Dep("automake", "automake"),
+    deps.Dep("libtoolize", "libtool"),
+    deps.Dep("pkg-config", "pkg-config"),
+    deps.Dep("make", "make"),
+    deps.Dep("gcc", "gcc"),
+    deps.Dep("/usr/include/uuid/uuid.h", "uuid-dev"),
+    deps.Dep("/usr/include/lz4.h", "liblz4-dev"),
+    deps.Dep("/usr/include/zlib.h", "zlib1g-dev"),
+    deps.Dep("/usr/include/lzma.h", "liblzma-dev"),
+)
+DEBIAN_SUITE = "sid"
+DEBIAN_PACKAGE = "erofs-utils"
+
+
+class BuildError(deps.ToolError):
+    exit_code = 1
+
+
+@dataclass
+class ErofsUtils:
+    """A finished build: where the three tools are and what they are."""
+
+    mkfs: str
+    dump: str
+    fsck: str
+    version: str
+    source: str
+    key: str
+    build_seconds: float
+    cached: bool = False
+
+    def env(self) -> dict[str, str]:
+        return {ENV_NAMES[k]: getattr(self, k) for k in TOOLS}
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def require_build_deps() -> None:
+    """Raise deps.MissingDependency (exit code 2) naming the Debian packages to install."""
+    deps.check(BUILD_DEPS, "build erofs-utils")
+
+
+# --------------------------------------------------------------------------
+# cache entries
+
+
+def _entry(root: Path, key: str) -> ErofsUtils | None:
+    info = root / key / "build-info.json"
+    try:
+        data = json.loads(info.read_text())
+        # paths from where the cache is now (VMs may mount it elsewhere), not from the record
+        data.update({k: str(root / key / "bin" / name) for k, name in TOOLS.items()})
+        utils = ErofsUtils(**{**data, "cached": True})
+    except (OSError, ValueError, TypeError):
+        return None
+    if not all(os.access(getattr(utils, k), os.X_OK) for k in TOOLS):
+        return None
+    return utils
+
+
+def tool_version(path: str) -> str:
+    """The version string printed by `<tool> --version` (e.g. `1.9.4`)."""
+    out = subprocess.run([path, "--version"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         check=True).stdout
+    return out.strip().splitlines()[0].split()[-1]
+
+
+def _works(utils: ErofsUtils) -> bool:
+    try:
+        return all(tool_version(getattr(utils, k)) == utils.version for k in TOOLS)
+    except (subprocess.CalledProcessError, OSError, IndexError):
+        return False
+
+
+def _newest_debian_entry(root: Path) -> ErofsUtils | None:
+    if not root.is_dir():
+        return None
+    entries = [e for e in (_entry(root, d.name) for d in root.glob("debian-*")) if e and _works(e)]
+    key = functools.cmp_to_key(lambda a, b: debian.version_compare(a.source.split("=")[-1], b.source.split("=")[-1]))
+    return max(entries, key=key, default=None)
+
+
+def find_built(cache: Path | None = None) -> ErofsUtils | None:
+    """The most recently built cache entry, or None."""
+    root = (cache or cache_root()) / "erofs-utils"
+    if not root.is_dir():
+        return None
+    entries = [e for e in (_entry(root, d.name) for d in root.iterdir() if d.is_dir()) if e]
+    if not entries:
+        return None
+    return max(entries, key=lambda e: Path(e.mkfs).stat().st_mtime)
+
+
+@contextlib.contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        with contextlib.suppress(OSError):  # flock may be unsupported (9p): rename still protects
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _cached_or_build(
+    key: str,
+    source: str,
+    prepare: Callable[[Path], tuple[Path, dict[str, str]]],
+    *,
+    cache: Path | None,
+    jobs: int | None,
+    rebuild: bool,
+    log: Callable[[str], None],
+) -> ErofsUtils:
+    root = (cache or cache_root()) / "erofs-utils"
+    require_build_deps()  # also on a cache hit: the binaries need those libraries at run time
+    with _lock(root / f".{key}.lock"):
+        hit = None if rebuild else _entry(root, key)
+        if hit and _works(hit):
+            log(f"erofs-utils {hit.version}: cached in {root / key}")
+            return hit
+        work = root / f".{key}.work-{os.getpid()}"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        try:
+            start = time.monotonic()
+            srcdir, env = prepare(work)
+            utils = _build(srcdir, work, key, source, env, jobs=jobs, log=log)
+            utils.build_seconds = round(time.monotonic() - start, 1)
+            final = root / key
+            _publish(work, final, utils)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        log(f"erofs-utils {utils.version} built in {utils.build_seconds:.0f} s: {final / 'bin'}")
+        return _entry(root, key) or utils
+
+
+def _logfile(work: Path, key: str) -> Path:
+    return work.parent / f"{key}.build.log"
+
+
+def _publish(work: Path, final: Path, utils: ErofsUtils) -> None:
+    """Move bin/ + build-info.json + build.log of `work` to `final` atomically."""
+    staged = work / "entry"
+    staged.mkdir()
+    shutil.move(str(work / "bin"), staged / "bin")
+    shutil.move(_logfile(work, utils.key), staged / "build.log")
+    data = asdict(utils)
+    del data["cached"]
+    for k in TOOLS:
+        data[k] = str(final / "bin" / TOOLS[k])
+    (staged / "build-info.json").write_text(json.dumps(data, indent=2) + "\n")
+    if final.exists():  # stale or explicitly rebuilt entry
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.rename(final, old)
+        shutil.rmtree(old, ignore_errors=True)
+    os.rename(staged, final)
+
+
+def _build(
+    srcdir: Path, work: Path, key: str, source: str, env: dict[str, str], *, jobs: int | None,
+    log: Callable[[str], None],
+) -> ErofsUtils:
+    jobs = jobs or os.cpu_count() or 1
+    build = work / "build"
+    build.mkdir()
+    logfile = _logfile(work, key)  # next to the work dir: kept when the build fails
+    logfile.write_text("")
+    env = {**os.environ, **env, "LC_ALL": "C"}
+
+    def step(title: str, cmd: str, *args: str, cwd: Path) -> None:
+        log(f"  {title}")
+        with open(logfile, "a") as f:
+            f.write(f"\n$ (cd {cwd} && {cmd} {' '.join(args)})\n")
+            f.flush()
+            rc = subprocess.run([cmd, *args], cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+        if rc:
+            tail = "".join(logfile.read_text(errors="replace").splitlines(True)[-30:])
+            raise BuildError(f"{title} failed (exit {rc}); log: {logfile}\n{tail}")
+
+    step("autogen.sh", "sh", "./autogen.sh", cwd=srcdir)
+    step("configure", str(srcdir / "configure"), *CONFIGURE_FLAGS, cwd=build)
+    for sub in SUBDIRS:
+        step(f"make -j{jobs} -C {sub}", "make", f"-j{jobs}", "-C", sub, cwd=build)
+    bindir = work / "bin"
+    bindir.mkdir()
+    for k, name in TOOLS.items():
+        built = build / k / name
+        if not built.is_file() or built.read_bytes()[:4] != b"\x7fELF":
+            raise BuildError(f"{built} was not built as an executable; see {logfile}")
+        shutil.copy2(built, bindir / name)
+    version = tool_version(str(bindir / TOOLS["mkfs"]))
+    return ErofsUtils(
+        **{k: str(bindir / n) for k, n in TOOLS.items()},
+        version=version, source=source, key=key, build_seconds=0.0,
+    )
+
+
+# --------------------------------------------------------------------------
+# sources
+
+_IGNORED_OUTSIDE_GIT = {".git", "autom4te.cache", ".libs", ".deps"}
+_IGNORED_SUFFIXES = (".o", ".lo", ".la", ".a", ".so")
+
+
+def _tree_files(src: Path) -> list[str]:
+    """Relative paths of the source files of `src` (read-only; never writes to the tree)."""
+    try:
+        out = subprocess.run(["git", "--no-optional-locks", "-C", str(src), "ls-files", "-z", "--cached",
+                              "--others", "--exclude-standard"], capture_output=True, text=True, check=True).stdout
+        files = [f for f in out.split("\0") if f]
+        return sorted(f for f in files if (src / f).is_file() or (src / f).is_symlink())
+    except (subprocess.CalledProcessError, OSError):
+        pass
+    files = []
+    for dirpath, dirnames, filenames in os.walk(src):
+        dirnames[:] = [d for d in dirnames if d not in _IGNORED_OUTSIDE_GIT]
+        for name in filenames:
+            if not name.endswith(_IGNORED_SUFFIXES):
+                files.append(os.path.relpath(os.path.join(dirpath, name), src))
+    return sorted(files)
+
+
+def _scm_version(src: Path) -> str:
+    script = src / "scripts" / "get-version-number"
+    if script.is_file():
+        with contextlib.suppress(subprocess.CalledProcessError, OSError):
+            return subprocess.run(["sh", str(script)], cwd=src, capture_output=True, text=True,
+                                  check=True).stdout.strip()
+    with contextlib.suppress(OSError):
+        return (src / "VERSION").read_text().split()[0]
+    return "unknown"
+
+
+def source_key(src: Path) -> tuple[str, str, list[str]]:
+    """(cache key, version string, files): the key digests the content of every source file
+    and the version string (which carries the git commit and -dirty)."""
+    src = src.resolve()
+    files = _tree_files(src)
+    version = _scm_version(src)
+    h = hashlib.sha256(f"recipe={RECIPE}\0version={version}\0".encode())
+    for rel in files:
+        p = src / rel
+        h.update(rel.encode() + b"\0")
+        h.update((os.readlink(p).encode() if p.is_symlink() else p.read_bytes()) + b"\0")
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in src.name)
+    return f"src-{name}-{h.hexdigest()[:16]}", version, files
+
+
+def build_from_tree(
+    src: str | os.PathLike,
+    *,
+    cache: Path | None = None,
+    jobs: int | None = None,
+    rebuild: bool = False,
+    log: Callable[[str], None] = _stderr,
+) -> ErofsUtils:
+    src = Path(src).resolve()
+    if not (src / "configure.ac").is_file():
+        raise BuildError(f"{src} is not an erofs-utils source tree (no configure.ac)")
+    key, version, files = source_key(src)
+
+    def prepare(work: Path) -> tuple[Path, dict[str, str]]:
+        log(f"copying {len(files)} files of {src}")
+        dest = work / "src"
+        for rel in files:
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / rel, target, follow_symlinks=False)
+        return dest, {"EROFS_UTILS_VERSION": version}
+
+    log(f"erofs-utils from {src} (version {version}, key {key})")
+    return _cached_or_build(key, str(src), prepare, cache=cache, jobs=jobs, rebuild=rebuild, log=log)
+
+
+def build_from_debian(
+    *,
+    version: str | None = None,
+    cache: Path | None = None,
+    mirror: str | None = None,
+    refresh: bool = False,
+    jobs: int | None = None,
+    rebuild: bool = False,
+    log: Callable[[str], None] = _stderr,
+) -> ErofsUtils:
+    cache = cache or cache_root()
+    require_build_deps()
+    apt = debian.PrivateApt(cache / "apt", mirror, log=log, max_age=0 if refresh else 24 * 3600)
+    try:
+        apt.update([DEBIAN_SUITE])
+        version = version or apt.newest_source_version(DEBIAN_PACKAGE)
+    except debian.DebianError as e:
+        fallback = None if (version or rebuild) else _newest_debian_entry(cache / "erofs-utils")
+        if fallback is None:
+            raise
+        log(f"warning: cannot ask the Debian archive ({str(e).splitlines()[0]}); using the cached build")
+        return fallback
+    key = f"debian-{version.replace(':', '_')}-r{RECIPE}"
+
+    def prepare(work: Path) -> tuple[Path, dict[str, str]]:
+        tarball = apt.download_source(DEBIAN_PACKAGE, version)
+        log(f"unpacking {tarball.name}")
+        dest = work / "src"
+        with tarfile.open(tarball) as tar:
+            tops = {m.name.split("/", 1)[0] for m in tar.getmembers()}
+            tar.extractall(work / "unpack", filter="data")
+        top = work / "unpack" / tops.pop() if len(tops) == 1 else work / "unpack"
+        os.rename(top, dest)
+        return dest, {"EROFS_UTILS_VERSION": debian.split_version(version)[1]}
+
+    log(f"erofs-utils {version} from Debian {DEBIAN_SUITE}")
+    return _cached_or_build(key, f"debian:{DEBIAN_PACKAGE}={version}", prepare, cache=cache, jobs=jobs,
+                            rebuild=rebuild, log=log)
