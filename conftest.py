@@ -90,7 +90,6 @@ def probe_guest(kernel: Path) -> dict | None:
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "crashes_kernel: runs in a VM of its own that is expected to crash")
     results = config.getoption("results") or Path(os.environ.get("EROFS_TEST_RESULTS") or REPO / "results")
     os.environ["EROFS_TEST_RESULTS"] = str(Path(results).resolve())
     if strict_mode(config):
@@ -106,6 +105,11 @@ def pytest_configure(config):
                                           config.getoption("kernel_profile"))
         except deps.ToolError as e:
             raise pytest.UsageError(str(e)) from None
+        # The guest cannot write byte code (its view of this tree is read-only): compile here.
+        import compileall
+
+        for d in ("fixtures", "tests", "tools/vmtest"):
+            compileall.compile_dir(REPO / d, quiet=1)
         os.environ["EROFS_TEST_KERNEL"] = str(image)
         os.environ["EROFS_TEST_PYTHON"] = sys.executable
         Path(os.environ["EROFS_TEST_RESULTS"]).mkdir(parents=True, exist_ok=True)

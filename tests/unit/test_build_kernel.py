@@ -1,0 +1,112 @@
+"""tools/build-kernel: fragment handling, tree checks, exit codes (no real kernel build)."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tools"))
+
+from vmtest import deps, kernel  # noqa: E402
+
+
+def fragment_lines(name="ondemand.config"):
+    return [line for line in (kernel.KCONFIG_DIR / name).read_text().splitlines()
+            if line.startswith("CONFIG_")]
+
+
+@pytest.mark.parametrize("name", ["ondemand.config", "debug.config"])
+def test_every_fragment_option_says_why(name):
+    undocumented = [line for line in fragment_lines(name) if not re.search(r"=\S+\s+#\s*\S", line)]
+    assert not undocumented, f"options without a one-line reason in {name}: {undocumented}"
+
+
+def test_fragment_holds_what_the_suite_needs():
+    opts = kernel.load_fragments("default", [])
+    needed = set(kernel.REQUIRED_OPTIONS) | {
+        "CONFIG_ACPI", "CONFIG_EROFS_FS_ZIP", "CONFIG_EROFS_FS_BACKED_BY_FILE", "CONFIG_NET_9P_VIRTIO",
+        "CONFIG_9P_FS", "CONFIG_VIRTIO_PCI", "CONFIG_NAMESPACES", "CONFIG_NET_NS", "CONFIG_VETH",
+        "CONFIG_NET_SCHED", "CONFIG_NET_SCH_NETEM", "CONFIG_DETECT_HUNG_TASK", "CONFIG_DEBUG_LIST",
+        "CONFIG_UNIX",
+    }
+    assert {o for o in needed if opts.get(o) != "y"} == set()
+
+
+def test_render_strips_comments_and_keeps_not_set():
+    opts = kernel.parse_fragment("CONFIG_A=y   # why\n# CONFIG_B is not set\n\n# a comment\nCONFIG_C=\"x\"\n")
+    assert opts == {"CONFIG_A": "y", "CONFIG_B": "n", "CONFIG_C": '"x"'}
+    assert kernel.render_fragment(opts) == 'CONFIG_A=y\n# CONFIG_B is not set\nCONFIG_C="x"\n'
+
+
+def test_dropped_options_are_named():
+    wanted = {"CONFIG_A": "y", "CONFIG_B": "y", "CONFIG_C": "n"}
+    got = {"CONFIG_A": "y", "CONFIG_C": "n"}
+    assert kernel.dropped_options(wanted, got) == ["CONFIG_B=y (got unset)"]
+
+
+def test_build_key_depends_on_tree_and_fragment(tmp_path):
+    a = kernel.KernelBuild(src=tmp_path / "a", options={"CONFIG_A": "y"})
+    assert a.key == kernel.KernelBuild(src=tmp_path / "a", options={"CONFIG_A": "y"}).key
+    assert a.key != kernel.KernelBuild(src=tmp_path / "b", options={"CONFIG_A": "y"}).key
+    assert a.key != kernel.KernelBuild(src=tmp_path / "a", options={"CONFIG_A": "n"}).key
+
+
+def fake_tree(tmp_path, bzimage_recipe):
+    src = tmp_path / "linux"
+    (src / "fs" / "erofs").mkdir(parents=True)
+    (src / "Kconfig").write_text("")
+    (src / "Makefile").write_text(
+        "allnoconfig:\n\tcp $(KCONFIG_ALLCONFIG) $(O)/.config\n"
+        f"bzImage:\n\t{bzimage_recipe}\n"
+    )
+    return src
+
+
+def run_tool(tmp_path, src, *extra):
+    env = dict(os.environ, EROFS_TEST_CACHE=str(tmp_path / "cache"))
+    return subprocess.run([sys.executable, str(REPO / "tools" / "build-kernel"), "--src", str(src), *extra],
+                          capture_output=True, text=True, env=env)
+
+
+def test_tree_that_does_not_build_exits_125(tmp_path):
+    """`git bisect run` skips a revision when the script exits 125."""
+    src = fake_tree(tmp_path, '@echo "fs/erofs/fscache.c:1:1: error: boom"; exit 2')
+    r = run_tool(tmp_path, src)
+    assert r.returncode == 125, r.stderr
+    assert "does not build" in r.stderr and "fs/erofs/fscache.c:1:1: error: boom" in r.stderr
+
+
+def test_in_tree_build_is_refused_with_advice(tmp_path):
+    src = fake_tree(tmp_path, "true")
+    (src / ".config").write_text("CONFIG_A=y\n")
+    r = run_tool(tmp_path, src)
+    assert r.returncode == 2
+    assert "in-tree build" in r.stderr and "mrproper" in r.stderr and "worktree" in r.stderr
+
+
+def test_dropped_option_fails_the_configure_step(tmp_path):
+    src = fake_tree(tmp_path, "true")
+    # A Makefile whose allnoconfig drops CONFIG_VETH, as kconfig does when NET_CORE is off.
+    (src / "Makefile").write_text("allnoconfig:\n\tgrep -v CONFIG_VETH $(KCONFIG_ALLCONFIG) > $(O)/.config\n")
+    r = run_tool(tmp_path, src)
+    assert r.returncode == 2
+    assert "CONFIG_VETH=y (got unset)" in r.stderr, r.stderr
+
+
+def test_missing_build_dependency_names_the_package(monkeypatch):
+    monkeypatch.setattr(deps, "KERNEL_BUILD", (deps.Dep("no-such-tool-xyz", "pkg-xyz"),))
+    with pytest.raises(deps.MissingDependency) as e:
+        deps.check(deps.KERNEL_BUILD, "build the kernel")
+    assert "apt-get install pkg-xyz" in str(e.value)
+
+
+def test_ikconfig_from_a_built_image():
+    images = sorted(kernel.cache_root().glob("kernels/*/bzImage"))
+    if not images:
+        pytest.skip("no kernel built yet (tools/build-kernel)")
+    cfg = kernel.ikconfig_from_bzimage(images[-1])
+    assert cfg is not None and cfg.get("CONFIG_IKCONFIG") == "y"
