@@ -97,9 +97,19 @@ class GuestRun:
         if self.interactive:
             return argv
         argv.append("--verbose")  # kernel console on stderr, which we log
-        env = [f"{k}={v}" for k, v in sorted(self.env.items())]
-        argv += ["--", "env", *env, *self.command]
+        # The command goes through the kernel command line (2048 bytes on x86, the rest is
+        # cut off, root= included): pass environment and arguments in a script instead.
+        argv += ["--", "/bin/sh", str(self.launcher())]
         return argv
+
+    def launcher(self) -> Path:
+        d = cache_root() / "launch"
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / f"{os.getpid()}-{time.monotonic_ns()}.sh"
+        lines = ["#!/bin/sh"] + [f"export {k}={shlex.quote(v)}" for k, v in sorted(self.env.items())]
+        lines.append(f"exec {shlex.join(self.command)}")
+        path.write_text("\n".join(lines) + "\n")
+        return path
 
     def run(self) -> int:
         """Run with stdin/stdout inherited; stderr (console) copied to the log file."""
