@@ -147,6 +147,7 @@ class KernelBuild:
     src: Path
     options: dict[str, str]
     profile: str = "default"
+    pristine: bool = False  # an unpacked Debian package nobody edits: trust the stamp
     jobs: int = os.cpu_count() or 2
     log = staticmethod(lambda msg: print(f"build-kernel: {msg}", file=sys.stderr, flush=True))
 
@@ -218,8 +219,7 @@ class KernelBuild:
             raise deps.ToolError(f"{self.src} is not a Linux kernel tree (no Makefile / fs/erofs)")
         check_clean_tree(self.src)
         stamp = self.builddir / "stored-image"
-        pristine = cache_root() / "src" in self.src.resolve().parents
-        if pristine and stamp.exists() and Path(stamp.read_text()).exists():
+        if self.pristine and stamp.exists() and Path(stamp.read_text()).exists():
             # An unpacked Debian package never changes: skip make's tree walk (~20 s).
             return Path(stamp.read_text())
         self.configure()
@@ -284,4 +284,4 @@ def resolve_kernel(kernel: Path | None = None, src: Path | None = None, profile:
         return Path(kernel).resolve()
     deps.check(deps.KERNEL_BUILD, "build the kernel")
     tree = Path(src).resolve() if src else fetch_debian_source(log=KernelBuild.log)
-    return KernelBuild(src=tree, options=load_fragments(profile, []), profile=profile).build()
+    return KernelBuild(src=tree, options=load_fragments(profile, []), profile=profile, pristine=src is None).build()
