@@ -147,7 +147,7 @@ class GuestRun:
         if panic:
             where = f" (full console log: {self.console_log})" if self.console_log else ""
             sys.stderr.write(
-                f"vm-python: the guest kernel crashed{where}; console lines around it:\n"
+                f"vm: the guest kernel crashed{where}; console lines around it:\n"
                 + "".join(panic[:80])
             )
         return rc
