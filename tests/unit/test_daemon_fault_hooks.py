@@ -1,0 +1,94 @@
+"""The daemon hooks the fault tests (tests/fscache/test_daemon_replies.py) rely on, against the
+fake /dev/cachefiles of test_daemon_fake.py: close-before-copen, copen twice, EMFILE starvation,
+pwrite/ioctl probes and answering held-back READs late."""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+
+from test_daemon_fake import PAGE, anon_closed, blobs, file_anon, h, pipe_anon, sockdir, start  # noqa: F401
+
+from fixtures.ondemand import daemon as daemon_mod
+
+
+def test_close_anon_before_copen_closes_then_answers(h):  # noqa: F811
+    h.ctl.close_anon_before_copen(cookie="blob1")
+    assert h.ctl.status()["faults"][0]["once"] is True
+    reader, anon = pipe_anon()
+    msg_id, _ = h.kernel.open("blob1", anon)
+    assert h.kernel.recv() == b"copen %d,10000" % msg_id
+    h.ctl.wait_idle()
+    assert anon_closed(reader)
+    assert h.ctl.status()["objects"] == {}   # the kernel fails this OPEN with EBADFD
+    (entry,) = h.entries("OPEN")
+    assert entry["fault"] == "close_anon_before_copen" and entry["write_errnos"] == [0]
+
+
+def test_copen_twice_writes_the_reply_again(h):  # noqa: F811
+    h.ctl.copen_twice(cookie="blob1")
+    _reader, anon = pipe_anon()
+    msg_id, obj = h.kernel.open("blob1", anon)
+    assert [h.kernel.recv(), h.kernel.recv()] == [b"copen %d,10000" % msg_id] * 2
+    h.ctl.wait_idle()
+    assert h.ctl.status()["objects"] == {str(obj): "blob1"}
+    (entry,) = h.entries("OPEN")
+    assert entry["write_errnos"] == [0, 0] and entry["fault"] == "copen_twice"
+
+
+def test_starve_fds_makes_the_next_fd_allocation_fail():
+    before = resource.getrlimit(resource.RLIMIT_NOFILE)
+    saved = daemon_mod._starve_fds()
+    try:
+        try:
+            fd = os.dup(0)
+        except OSError as e:
+            err = e.errno
+        else:
+            os.close(fd)
+            err = 0
+    finally:
+        daemon_mod._restore_fds(saved)
+    assert err == errno.EMFILE
+    assert resource.getrlimit(resource.RLIMIT_NOFILE) == before
+
+
+def test_emfile_fault_is_one_shot(h):  # noqa: F811
+    h.ctl.emfile()
+    assert h.ctl.status()["faults"] == [{"name": "emfile", "cookie": None, "once": True}]
+    _reader, anon = pipe_anon()
+    h.kernel.open("blob1", anon)   # the fake device needs no fd: the read just works
+    h.kernel.recv()
+    h.ctl.wait_idle()
+    assert h.ctl.status()["faults"] == []
+
+
+def test_probe_pwrite_writes_the_blob_bytes(h, blobs):  # noqa: F811
+    anon = file_anon(h.tmp / "obj")
+    h.kernel.open("blob2", anon)
+    h.kernel.recv()
+    h.ctl.wait_idle()
+    r = h.ctl.probe_pwrite("blob2", PAGE, PAGE)
+    assert (r["errno"], r["written"]) == (0, PAGE)
+    assert (h.tmp / "obj").read_bytes()[PAGE:2 * PAGE] == blobs[1]["blob2"][PAGE:2 * PAGE]
+    (probe,) = h.entries("PROBE")
+    assert (probe["off"], probe["len"], probe["bytes_written"]) == (PAGE, PAGE, PAGE)
+
+
+def test_probe_read_complete_and_serve_ignored(h, blobs):  # noqa: F811
+    anon = file_anon(h.tmp / "obj")
+    _, obj = h.kernel.open("blob2", anon)
+    h.kernel.recv()
+    h.ctl.fail_read("ignore", cookie="blob2", once=True)
+    msg_id = h.kernel.read(obj, 0, PAGE)
+    h.ctl.wait_idle()
+    assert h.ctl.status()["ignored"] == [msg_id]
+    assert h.ctl.probe_read_complete("blob2", 12345) == 0   # the fake kernel accepts anything
+    assert h.completion() == (anon, 12345)
+    assert h.ctl.serve_ignored() == {"served": [msg_id], "errors": {}}
+    assert h.completion() == (anon, msg_id)
+    assert h.ctl.status()["ignored"] == []
+    assert (h.tmp / "obj").read_bytes()[:PAGE] == blobs[1]["blob2"][:PAGE]
+    late = [e for e in h.entries("READ") if e["fault"] == "served_late"]
+    assert [e["msg_id"] for e in late] == [msg_id]
