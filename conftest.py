@@ -75,6 +75,23 @@ def resolve_mkfs(config) -> None:
     os.environ.update(utils.env())
 
 
+def prebuild_images() -> None:
+    """Build the VM tests' images here, natively, before the VMs start (see image_set.py)."""
+    import copy
+    import time
+
+    from fixtures.images import ImageFactory
+    from fixtures.plugin import image_cache_dir, image_seed
+    from tests.fscache import image_set
+
+    start = time.monotonic()
+    small = ImageFactory(image_cache_dir(), os.environ["MKFS_EROFS"], seed=image_seed())
+    tiny = copy.copy(small)
+    tiny.profile = "tiny"
+    n = image_set.prebuild(small, tiny)
+    print(f"erofs-fscache: {n} images ready in {time.monotonic() - start:.0f} s", file=sys.stderr)
+
+
 def probe_guest(kernel: Path) -> dict | None:
     """Boot once and read the guest's features (also proves the kernel boots)."""
     cmd = [sys.executable, str(REPO / "tools" / "vm-run"), "--kernel", str(kernel), "--",
@@ -111,6 +128,7 @@ def pytest_configure(config):
         for d in ("fixtures", "tests", "tools/vmtest"):
             compileall.compile_dir(REPO / d, quiet=1)
         os.environ["EROFS_TEST_KERNEL"] = str(image)
+        prebuild_images()
         os.environ["EROFS_TEST_PYTHON"] = sys.executable
         Path(os.environ["EROFS_TEST_RESULTS"]).mkdir(parents=True, exist_ok=True)
         config._erofs_guest = probe_guest(image)
