@@ -113,6 +113,17 @@ def pytest_configure(config):
         os.environ["EROFS_TEST_STRICT"] = "1"
     if is_worker(config) or in_vm():
         return
+    if not vm_mode(config) and any(str(a).startswith("tests/host") for a in config.args):
+        # Tests that boot VMs of their own from here (tests/host): they need the kernel only.
+        from vmtest import deps, kernel
+
+        try:
+            resolve_mkfs(config)
+            os.environ["EROFS_TEST_KERNEL"] = str(kernel.resolve_kernel(
+                config.getoption("kernel"), config.getoption("kernel_src"), config.getoption("kernel_profile")))
+        except deps.ToolError as e:
+            raise pytest.UsageError(str(e)) from None
+        return
     if vm_mode(config):
         from vmtest import deps, kernel
 
