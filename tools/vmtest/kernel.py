@@ -228,7 +228,11 @@ class KernelBuild:
         self._make("bzImage", progress=True)
         self.log(f"built in {time.monotonic() - start:.0f} s")
         image = self.store()
-        stamp.write_text(str(image))
+        if self.pristine:
+            stamp.write_text(str(image))
+        else:
+            # Built from a tree given by path, maybe edited: the next default build runs make.
+            stamp.unlink(missing_ok=True)
         return image
 
     def store(self) -> Path:
