@@ -180,7 +180,11 @@ def io_bad_ioctl(ctx: IoCtx) -> dict:
         "READ_COMPLETE, unknown msg_id": c.probe_read_complete(ctx.fsid, msg_id + 100000),
         "other ioctl cmd (_IOW(0x98, 2, int))": c.probe_read_complete(ctx.fsid, msg_id, ioctl_cmd=0x40049802),
     }
-    assert c.serve_ignored()["served"] == [msg_id]
+    served = c.serve_ignored()["served"]
+    assert served == [msg_id], (
+        f"RULE BROKEN: bad READ_COMPLETE ioctls must fail and leave READ {msg_id} pending; got "
+        + ", ".join(f"{k}: {errname(v)}" for k, v in got.items())
+        + f"; the daemon found {served} still to serve\n{ctx.env.render()}")
     reader.join(30)
     assert sha(reader.result.data) == ctx.expected(BIG), (
         f"after the bad ioctls the held READ must complete with the right data: {reader.result}")
@@ -193,7 +197,12 @@ def io_other_object(ctx: IoCtx) -> dict:
     reader, msg_id = _held_read(ctx, other, m2.path / BIG.lstrip("/"))
     c = ctx.env.control
     got = {"READ_COMPLETE on another object's anon fd": c.probe_read_complete(ctx.fsid, msg_id)}
-    assert c.serve_ignored()["served"] == [msg_id]
+    served = c.serve_ignored()["served"]
+    assert served == [msg_id], (
+        f"RULE BROKEN: READ_COMPLETE on another object's anon fd must fail EINVAL and leave READ "
+        f"{msg_id} of {other} pending (cachefiles_ondemand_fd_ioctl() checks req->object, "
+        f"CVE-2024-41075); the ioctl gave {errname(got[next(iter(got))])} and the daemon found "
+        f"{served} still to serve\n{ctx.env.render()}")
     reader.join(30)
     assert sha(reader.result.data) == ctx.expected(BIG), f"held READ of {other}: {reader.result}"
     return got
