@@ -45,31 +45,76 @@ def vng_path() -> str:
     return found
 
 
-@functools.lru_cache(maxsize=1)
-def kvm_usable() -> bool:
-    """Probe KVM once: /dev/kvm can exist while qemu aborts on it ("failed to set MSR 0x10a")."""
-    if os.environ.get("EROFS_TEST_ACCEL") in ("tcg", "kvm"):
-        return os.environ["EROFS_TEST_ACCEL"] == "kvm"
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return False
-    stamp = cache_root() / "kvm-probe"
-    key = f"{os.uname().release} {shutil.which('qemu-system-x86_64')}"
-    if stamp.exists():
-        saved_key, _, verdict = stamp.read_text().rpartition(" ")
-        if saved_key == key:
-            return verdict == "yes"
+KVM_PROBE_TIMEOUT = 20  # a KVM boot to the no-root panic takes ~1 s; TCG takes 1.5 s
+KVM_FAILURE_RE = re.compile(r"KVM internal error|emulation failure|failed to set MSR")
+
+
+def _qemu_kvm_starts() -> bool:
+    """qemu can abort on /dev/kvm before the guest runs ("failed to set MSR 0x10a")."""
     try:
-        # The MSR failure happens at the first vCPU reset, before the guest runs.
         r = subprocess.run(
             ["qemu-system-x86_64", "-accel", "kvm", "-cpu", "host", "-machine", "q35",
              "-display", "none", "-nodefaults", "-no-reboot", "-monitor", "stdio"],
             input="info status\nquit\n", capture_output=True, text=True, timeout=30,
         )
-        ok = r.returncode == 0 and "failed" not in r.stderr.lower()
     except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0 and "failed" not in r.stderr.lower()
+
+
+def _kernel_boots_under_kvm(kernel: Path) -> bool:
+    """Boot the test kernel under KVM with no root filesystem: it must reach its
+    "VFS: Unable to mount root fs" panic and qemu must exit (panic=-1, -no-reboot).
+    Nested KVM can start qemu and then spin in the host without a line of output, or stop
+    at "KVM internal error ... emulation failure" (seen on `lock cmpxchg16b` during boot),
+    with qemu paused forever. Either way the guest never runs a test."""
+    argv = ["qemu-system-x86_64", "-accel", "kvm", "-cpu", "host", "-m", "256M", "-smp", "2",
+            "-kernel", str(kernel), "-append", "console=ttyS0 panic=-1", "-display", "none",
+            "-nodefaults", "-serial", "stdio", "-no-reboot"]
+    try:
+        r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                           errors="replace", timeout=KVM_PROBE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return False
+    except OSError:
+        return False
+    out = r.stdout + r.stderr
+    return "Kernel panic" in out and not KVM_FAILURE_RE.search(out)
+
+
+@functools.cache
+def kvm_usable(kernel: Path | None = None) -> bool:
+    """Whether to boot with KVM: EROFS_TEST_ACCEL=kvm|tcg decides; otherwise probe, and
+    remember the verdict per (host kernel, qemu) once a test kernel really booted."""
+    if os.environ.get("EROFS_TEST_ACCEL") in ("tcg", "kvm"):
+        return os.environ["EROFS_TEST_ACCEL"] == "kvm"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False
+    stamp = cache_root() / "kvm-probe"
+    key = f"v2 {os.uname().release} {shutil.which('qemu-system-x86_64')}"
+    if stamp.exists():
+        saved_key, _, verdict = stamp.read_text().rpartition(" ")
+        if saved_key == key:
+            return verdict == "yes"
+    if not _qemu_kvm_starts():
         ok = False
+    elif kernel is None or not Path(kernel).is_file():
+        return True  # not decided for good until a kernel boots
+    else:
+        ok = _kernel_boots_under_kvm(Path(kernel))
+    stamp.parent.mkdir(parents=True, exist_ok=True)
     stamp.write_text(f"{key} {'yes' if ok else 'no'}")
     return ok
+
+
+def forget_kvm(reason: str) -> None:
+    """KVM failed while a guest ran: later VMs of this host use TCG."""
+    stamp = cache_root() / "kvm-probe"
+    key = f"v2 {os.uname().release} {shutil.which('qemu-system-x86_64')}"
+    stamp.write_text(f"{key} no")
+    kvm_usable.cache_clear()
+    sys.stderr.write(f"vm: KVM failed in the guest ({reason.strip()}); later VMs use TCG "
+                     "(EROFS_TEST_ACCEL=kvm forces KVM)\n")
 
 
 @dataclass
@@ -87,7 +132,7 @@ class GuestRun:
     def vng_argv(self) -> list[str]:
         argv = [vng_path(), "--run", str(self.kernel), "--force-9p", "--user", "root",
                 "--memory", self.memory, "--cpus", str(self.cpus), "--cwd", str(self.cwd)]
-        if not kvm_usable():
+        if not kvm_usable(Path(self.kernel)):
             argv.append("--disable-kvm")
         # The guest's root is the host's / over 9p, read-only: let the guest cache it, or
         # every Python import stats and reads through 9p (3x slower startup under TCG).
@@ -120,9 +165,18 @@ class GuestRun:
         if self.interactive:
             return subprocess.call(argv)
         log = open(self.console_log, "w") if self.console_log else None  # noqa: SIM115
-        proc = subprocess.Popen(argv, stdin=sys.stdin, stdout=sys.stdout, stderr=subprocess.PIPE)
+        # Its own process group, so that qemu goes with vng when the guest must be stopped.
+        proc = subprocess.Popen(argv, stdin=sys.stdin, stdout=sys.stdout, stderr=subprocess.PIPE,
+                                start_new_session=True)
         panic: list[str] = []
         recent: list[str] = []
+        kvm_failure: list[str] = []
+
+        def stop_guest():
+            try:
+                os.killpg(proc.pid, 9)
+            except ProcessLookupError:
+                pass
 
         def pump():
             for raw in proc.stderr:
@@ -137,13 +191,27 @@ class GuestRun:
                     # A guest oops may wedge it; keep collecting lines after it.
                 if panic and len(panic) < 80 and line not in panic:
                     panic.append(line)
+                if KVM_FAILURE_RE.search(line) and not kvm_failure:
+                    # qemu pauses the guest for good after a KVM internal error.
+                    kvm_failure.extend(recent[-20:])
+                    stop_guest()
 
         t = threading.Thread(target=pump, daemon=True)
         t.start()
-        rc = proc.wait()
+        try:
+            rc = proc.wait()
+        except BaseException:
+            stop_guest()
+            raise
         t.join(5)
         if log:
             log.close()
+        if kvm_failure:
+            forget_kvm(kvm_failure[-1])
+            where = f" (full console log: {self.console_log})" if self.console_log else ""
+            sys.stderr.write(f"vm: KVM stopped the guest{where}; console lines before it:\n"
+                             + "".join(kvm_failure))
+            return rc if rc else 1
         if panic:
             where = f" (full console log: {self.console_log})" if self.console_log else ""
             sys.stderr.write(
