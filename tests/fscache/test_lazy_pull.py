@@ -37,28 +37,52 @@ EIO_BOUND = 5 * FETCH_TIMEOUT + 10
 
 # --------------------------------------------------------------------------- fixtures
 
+@pytest.fixture(scope="module")
+def _network_rig(tmp_path_factory):
+    """One namespace and one blob server per worker for this module, made on first use and
+    deleted at its end: each costs seconds in a TCG guest (a namespace; a Python server
+    started in it), about 8 s per test when they were per test. Tests get them reset."""
+    rig: dict = {"dir": tmp_path_factory.mktemp("registry")}
+    yield rig
+    if "server" in rig:
+        rig["server"].stop()
+    if "net" in rig:
+        rig["net"].close()
+
+
 @pytest.fixture
-def net(require):
-    """A namespace for the server, joined to this one by a veth pair (deleted afterwards)."""
+def net(require, _network_rig):
+    """A namespace for the server, joined to this one by a veth pair; both ends up and no
+    netem when the test starts, and again when it ends."""
     require.ondemand()
     require(netns.why_unavailable())
-    with netns.VethNamespace.create() as n:
-        yield n
+    n = _network_rig.get("net")
+    if n is None:
+        n = _network_rig["net"] = netns.VethNamespace.create()
+    yield n
+    for side in netns.SIDES:
+        n.link_up(side)
+    n.clear_netem()
 
 
 @pytest.fixture
-def registry(net, tmp_path, artifacts):
-    """The blob server inside `net`, admin API on a Unix socket (reachable with the link down)."""
-    server = BlobServerProcess(tmp_path / "registry", host=net.ns_addr, netns=net,
-                               admin_socket=Path("/tmp/erofs-fscache-tests") / f"{unique('bs')}.sock",
-                               log_path=artifacts / "blobserver-stderr.log")
-    server.start()
+def registry(net, _network_rig, artifacts):
+    """The blob server inside `net`, admin API on a Unix socket (reachable with the link
+    down); no faults and zero counters when the test starts."""
+    server = _network_rig.get("server")
+    if server is None or not server.alive:
+        server = _network_rig["server"] = BlobServerProcess(
+            _network_rig["dir"] / "root", host=net.ns_addr, netns=net,
+            admin_socket=Path("/tmp/erofs-fscache-tests") / f"{unique('bs')}.sock",
+            log_path=_network_rig["dir"] / "blobserver-stderr.log").start()
+    server.client.clear_faults()
+    server.client.reset()
     yield server
     try:
         (artifacts / "blobserver-stats.json").write_text(json.dumps(server.client.stats(), indent=1))
     except Exception as e:  # noqa: BLE001 - artifacts are best effort
         (artifacts / "blobserver-stats.json").write_text(json.dumps({"error": str(e)}))
-    server.stop()
+    server.client.clear_faults()  # releases stalled handlers before the next test
 
 
 @pytest.fixture
