@@ -340,6 +340,61 @@ def test_read_writes_page_aligned_buffers_in_few_calls(start, blobs):
     assert data[3 * 2**20:] == blob[3 * 2**20:] + bytes(PAGE - 123)
 
 
+def _boot(h):
+    assert h.ready.getvalue() == f"READY {os.getpid()}\n"
+    assert [h.kernel.recv() for _ in range(3)][2] == b"bind ondemand"
+
+
+def test_prefetch_fills_the_next_granules_and_reads_inside_them_write_nothing(start, blobs):
+    h = start(fill_granularity=2**20, prefetch=2)
+    _boot(h)
+    anon = file_anon(h.tmp / "big")
+    _, obj = h.kernel.open("big", anon)
+    h.kernel.recv()
+    h.kernel.read(obj, 0, PAGE)
+    h.completion()
+    h.ctl.wait_idle()
+    assert [(e["off"], e["len"], e["bytes_written"]) for e in h.entries("PREFETCH")] == [
+        (2**20, 2**20, 2**20), (2 * 2**20, 2**20, 2**20)]
+    h.kernel.read(obj, 2**20 + 8192, PAGE)        # inside a prefetched granule
+    h.completion()
+    h.ctl.wait_idle()
+    second = h.entries("READ")[1]
+    assert (second["bytes_written"], second.get("note")) == (0, "already in the cache file")
+    # its own prefetch: [2M, 3M) is there already, the tail page is not
+    assert [(e["off"], e["bytes_written"]) for e in h.entries("PREFETCH")][2:] == [(3 * 2**20, PAGE)]
+    assert (h.tmp / "big").read_bytes() == blobs[1]["big"] + bytes(PAGE - 123)
+
+
+def test_a_read_inside_a_range_being_prefetched_waits_for_it_and_writes_nothing(start, blobs):
+    events = []
+
+    def pwritev(fd, bufs, off):
+        events.append(("write", off))
+        if off == 2**20:
+            time.sleep(0.5)                        # the prefetch of [1M, 2M) is slow
+        n = os.pwritev(fd, bufs, off)
+        events.append(("written", off))
+        return n
+
+    h = start(fill_granularity=2**20, prefetch=1, pwritev=pwritev,
+              read_complete=lambda fd, msg_id: events.append(("complete", msg_id)))
+    _boot(h)
+    anon = file_anon(h.tmp / "big")
+    _, obj = h.kernel.open("big", anon)
+    h.kernel.recv()
+    first = h.kernel.read(obj, 0, PAGE)
+    deadline = time.monotonic() + 5
+    while ("write", 2**20) not in events and time.monotonic() < deadline:
+        time.sleep(0.01)
+    second = h.kernel.read(obj, 2**20 + PAGE, PAGE)
+    h.ctl.wait_idle()
+    assert events.count(("write", 2**20)) == 1, events       # written once, by the prefetch
+    assert events.index(("complete", second)) > events.index(("written", 2**20)), events
+    assert ("complete", first) in events
+    assert h.entries("READ")[1]["bytes_written"] == 0
+
+
 def test_size_override_serves_zeros_beyond_the_blob(h, blobs):
     h.ctl.size_override("blob2", 5 * PAGE)
     anon = file_anon(h.tmp / "obj2")
