@@ -82,6 +82,11 @@ def _kernel_boots_under_kvm(kernel: Path) -> bool:
     return "Kernel panic" in out and not KVM_FAILURE_RE.search(out)
 
 
+def _kvm_stamp() -> tuple[Path, str]:
+    """Where the KVM verdict is kept, and what it is valid for (host kernel, qemu)."""
+    return cache_root() / "kvm-probe", f"v2 {os.uname().release} {shutil.which('qemu-system-x86_64')}"
+
+
 @functools.cache
 def kvm_usable(kernel: Path | None = None) -> bool:
     """Whether to boot with KVM: EROFS_TEST_ACCEL=kvm|tcg decides; otherwise probe, and
@@ -90,8 +95,7 @@ def kvm_usable(kernel: Path | None = None) -> bool:
         return os.environ["EROFS_TEST_ACCEL"] == "kvm"
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return False
-    stamp = cache_root() / "kvm-probe"
-    key = f"v2 {os.uname().release} {shutil.which('qemu-system-x86_64')}"
+    stamp, key = _kvm_stamp()
     if stamp.exists():
         saved_key, _, verdict = stamp.read_text().rpartition(" ")
         if saved_key == key:
@@ -109,8 +113,7 @@ def kvm_usable(kernel: Path | None = None) -> bool:
 
 def forget_kvm(reason: str) -> None:
     """KVM failed while a guest ran: later VMs of this host use TCG."""
-    stamp = cache_root() / "kvm-probe"
-    key = f"v2 {os.uname().release} {shutil.which('qemu-system-x86_64')}"
+    stamp, key = _kvm_stamp()
     stamp.write_text(f"{key} no")
     kvm_usable.cache_clear()
     sys.stderr.write(f"vm: KVM failed in the guest ({reason.strip()}); later VMs use TCG "
