@@ -8,6 +8,7 @@ Two ways to run tests/fscache:
   host mode pytest --host-mode tests/fscache   (root, on a kernel that has the features)
 """
 
+import hashlib
 import json
 import os
 import shlex
@@ -92,14 +93,39 @@ def prebuild_images() -> None:
     print(f"erofs-fscache: {n} images ready in {time.monotonic() - start:.0f} s", file=sys.stderr)
 
 
+def probe_key(kernel: Path) -> str:
+    """What a probe's answer depends on: the kernel image, the probe's code, the mkfs binary."""
+    h = hashlib.sha256(Path(kernel).read_bytes())
+    h.update((REPO / "fixtures" / "kernel.py").read_bytes())
+    mkfs = os.environ.get("MKFS_EROFS", "")
+    if mkfs and os.path.exists(mkfs):
+        st = os.stat(mkfs)
+        h.update(f"{os.path.realpath(mkfs)} {st.st_size} {st.st_mtime_ns}".encode())
+    return h.hexdigest()[:24]
+
+
 def probe_guest(kernel: Path) -> dict | None:
-    """Boot once and read the guest's features (also proves the kernel boots)."""
+    """Boot once and read the guest's features (also proves the kernel boots). The answer is
+    kept per (kernel image, probe code, mkfs): the next run of the same kernel starts its
+    workers without this extra boot (~10 s under TCG)."""
+    from vmtest.paths import cache_root
+
+    saved = cache_root() / "probes" / f"{probe_key(kernel)}.json"
+    if saved.exists():
+        guest = json.loads(saved.read_text())
+        guest["cached"] = str(saved)
+        return guest
     cmd = [sys.executable, str(REPO / "tools" / "vm-run"), "--kernel", str(kernel), "--",
            sys.executable, "-m", "fixtures.kernel", os.environ.get("MKFS_EROFS", "")]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
     for line in r.stdout.splitlines():
         if line.startswith("{"):
-            return json.loads(line)
+            guest = json.loads(line)
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            tmp = saved.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(guest))
+            tmp.replace(saved)
+            return guest
     raise pytest.UsageError(
         f"the test kernel {kernel} did not boot or run Python (exit {r.returncode}).\n"
         f"command: {shlex.join(cmd)}\n{r.stderr[-3000:]}"
@@ -151,7 +177,8 @@ def pytest_report_header(config):
     guest = getattr(config, "_erofs_guest", None)
     if guest:
         rows = guest["table"]
-        title = f"test kernel {os.environ.get('EROFS_TEST_KERNEL')} (probed in a VM)"
+        how = f"probed in a VM earlier: {guest['cached']}" if guest.get("cached") else "probed in a VM"
+        title = f"test kernel {os.environ.get('EROFS_TEST_KERNEL')} ({how})"
     elif not is_worker(config):
         from fixtures import kernel as fk
 
