@@ -157,6 +157,7 @@ def pytest_configure(config):
             resolve_mkfs(config)
             image = kernel.resolve_kernel(config.getoption("kernel"), config.getoption("kernel_src"),
                                           config.getoption("kernel_profile"))
+            deps.check(deps.VM_RUN, "boot the test kernel")  # here too: the probe may be cached
         except deps.ToolError as e:
             raise pytest.UsageError(str(e)) from None
         # The guest cannot write byte code (its view of this tree is read-only): compile here.
