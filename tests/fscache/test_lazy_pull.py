@@ -60,8 +60,7 @@ def net(require, _network_rig):
     if n is None:
         n = _network_rig["net"] = netns.VethNamespace.create()
     yield n
-    for side in netns.SIDES:
-        n.link_up(side)
+    n.link_up("both")
     n.clear_netem()
 
 
