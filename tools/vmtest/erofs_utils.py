@@ -26,7 +26,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -354,9 +353,14 @@ def build_from_debian(
         tarball = apt.download_source(DEBIAN_PACKAGE, version)
         log(f"unpacking {tarball.name}")
         dest = work / "src"
-        with tarfile.open(tarball) as tar:
-            tops = {m.name.split("/", 1)[0] for m in tar.getmembers()}
-            tar.extractall(work / "unpack", filter="data")
+        # tar(1), not tarfile: extractall(filter=) needs Python 3.11.4+, Debian 12 has 3.11.2.
+        (work / "unpack").mkdir()
+        listing = subprocess.run(["tar", "-tf", str(tarball)], check=True, capture_output=True, text=True)
+        tops = {name.split("/", 1)[0] for name in listing.stdout.splitlines() if name}
+        if any(t in ("", "..") for t in tops) or any(".." in n.split("/") for n in listing.stdout.splitlines()):
+            raise deps.ToolError(f"{tarball}: refusing a source tarball with absolute or '..' paths")
+        subprocess.run(["tar", "-xf", str(tarball), "-C", str(work / "unpack"), "--no-same-owner",
+                        "--no-same-permissions"], check=True)
         top = work / "unpack" / tops.pop() if len(tops) == 1 else work / "unpack"
         os.rename(top, dest)
         return dest, {"EROFS_UTILS_VERSION": debian.split_version(version)[1]}
