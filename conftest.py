@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ REPO = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO / "tools"))
 
 from fixtures.kernel import strict_mode  # noqa: E402
+from fixtures.process_utils import cmd  # noqa: E402
 
 pytest_plugins = ["fixtures.plugin"]
 
@@ -115,9 +115,9 @@ def probe_guest(kernel: Path) -> dict | None:
         guest = json.loads(saved.read_text())
         guest["cached"] = str(saved)
         return guest
-    cmd = [sys.executable, str(REPO / "tools" / "vm-run"), "--kernel", str(kernel), "--",
+    argv = [sys.executable, str(REPO / "tools" / "vm-run"), "--kernel", str(kernel), "--",
            sys.executable, "-m", "fixtures.kernel", os.environ.get("MKFS_EROFS", "")]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    r = cmd(argv, check=False, cwd=REPO, timeout=600)
     for line in r.stdout.splitlines():
         if line.startswith("{"):
             guest = json.loads(line)
@@ -128,7 +128,7 @@ def probe_guest(kernel: Path) -> dict | None:
             return guest
     raise pytest.UsageError(
         f"the test kernel {kernel} did not boot or run Python (exit {r.returncode}).\n"
-        f"command: {shlex.join(cmd)}\n{r.stderr[-3000:]}"
+        f"command: {shlex.join(argv)}\n{r.stderr[-3000:]}"
     )
 
 
