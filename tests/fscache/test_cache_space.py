@@ -1,5 +1,6 @@
 # ruff: noqa: F811  (fixtures imported from helpers_faults are redefined as arguments)
-"""A cache too small for the blob (reference §1.2 limits, §1.5 anon-fd writes, §3.2 culling).
+"""A cache too small for the blob (docs/protocol.md#read-and-read_complete for the anon-fd writes,
+docs/observables.md#culling for cull and inuse).
 
 An 8 MiB ext4 cache serves a 12 MiB file: once the cache is full the daemon's writes through
 the anon fd fail (ENOBUFS below `bstop`, or ENOSPC from ext4), its READs complete without
