@@ -37,6 +37,7 @@ from fixtures.images import (
     read_superblock,
     run_fsck,
 )
+from fixtures.process_utils import cmd
 
 REPO = Path(__file__).resolve().parents[2]
 SEED = 20250520
@@ -384,10 +385,8 @@ def test_dump_erofs_agrees_with_manifest(built, dump, layout):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_superblock_agrees_with_dump_erofs(built, dump, layout):
-    import sh
-
     img = built[layout]
-    info = parse_dump_superblock(str(sh.Command(dump)("-s", img.path)))
+    info = parse_dump_superblock(cmd([dump, "-s", img.path]).stdout)
     sb = read_superblock(img.path)
     assert info["Filesystem UUID"] == sb.uuid == img.uuid
     assert int(info["Filesystem blocksize"]) == sb.block_size == BLOCK_SIZE
