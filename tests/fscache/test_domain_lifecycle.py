@@ -177,6 +177,7 @@ def test_last_umount_races_new_mount(rig, tiny_images, kmsg):
                         result.get("umount_error") or result.get("mount_error") or "ok"))
         table = tabulate(timings, headers=headers) + "\n\n" + timeline.render()
         race.record(overlap > 0, table)
+        (rig.artifacts / "race.txt").write_text(race.summary() + "\n" + "\n".join(race.notes) + "\n\n" + table + "\n")
         if any(t.is_alive() for t in threads):
             rig.fail("race: umount and mount of domain D must finish (a volume collision wait?)", table)
         if "mount" not in result or "umount_error" in result:
