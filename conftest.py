@@ -40,7 +40,7 @@ def pytest_addoption(parser):
     g.addoption("--kernel-profile", default="default", help="kernel config profile: default or debug")
     g.addoption("--mkfs", help="the mkfs.erofs under test, used as it is, with dump.erofs and fsck.erofs "
                 "beside it (env MKFS_EROFS; default: Debian's erofs-utils, built)")
-    g.addoption("--erofs-utils-src", type=Path, default=_env_path("EROFS_TEST_EROFS_UTILS_SRC"),
+    g.addoption("--erofs-utils-src", type=Path,
                 help="test this erofs-utils tree: its source is built (autogen, configure, make) in a "
                      "cached copy (env EROFS_TEST_EROFS_UTILS_SRC)")
     g.addoption("--host-mode", action="store_true",

@@ -155,10 +155,11 @@ def from_binary(mkfs: str | os.PathLike) -> ErofsUtils:
 
 def resolve(mkfs: str | os.PathLike | None = None, src: str | os.PathLike | None = None, *,
             log: Callable[[str], None] = _stderr) -> ErofsUtils:
-    """The erofs-utils under test: `mkfs` (else $MKFS_EROFS) as it is; else the tree `src`
-    (else $EROFS_TEST_EROFS_UTILS_SRC) built; else Debian's.  Naming both is an error."""
-    mkfs = mkfs or os.environ.get(ENV_NAMES["mkfs"]) or None
-    src = src or os.environ.get(SRC_ENV) or None
+    """The erofs-utils under test: the binary `mkfs` as it is, or the tree `src` built (given
+    on the command line); else $MKFS_EROFS, or $EROFS_TEST_EROFS_UTILS_SRC; else Debian's.
+    Naming both at the same level is an error."""
+    if not (mkfs or src):
+        mkfs, src = os.environ.get(ENV_NAMES["mkfs"]) or None, os.environ.get(SRC_ENV) or None
     if mkfs and src:
         raise BuildError(f"both a mkfs.erofs ({mkfs}) and an erofs-utils tree ({src}) were named; "
                          "name one (the tree's build is <tree>/mkfs/mkfs.erofs)")
