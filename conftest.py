@@ -72,6 +72,8 @@ def resolve_mkfs(config):
         from vmtest import erofs_utils
 
         utils = erofs_utils.resolve(config.getoption("mkfs"), config.getoption("erofs_utils_src"))
+        for var in erofs_utils.ENV_NAMES.values():  # no dump/fsck of another erofs-utils stays
+            os.environ.pop(var, None)
         os.environ.update(utils.env())
         config._erofs_utils = utils
     return utils

@@ -139,12 +139,13 @@ def _newest_debian_entry(root: Path) -> ErofsUtils | None:
 
 
 def from_binary(mkfs: str | os.PathLike) -> ErofsUtils:
-    """The erofs-utils a given mkfs.erofs belongs to (dump/fsck beside it, or from $DUMP_EROFS,
-    $FSCK_EROFS).  Builds and downloads nothing."""
+    """The erofs-utils a given mkfs.erofs belongs to: dump/fsck beside it ($DUMP_EROFS and
+    $FSCK_EROFS only when $MKFS_EROFS names this mkfs).  Builds and downloads nothing."""
     path = os.path.abspath(mkfs)
     if not os.path.isfile(path) or not os.access(path, os.X_OK):
         raise BuildError(f"mkfs.erofs {mkfs!r} is not an executable file")
-    tools = erofs_tools.Tools.beside(path)
+    named_by_env = os.path.abspath(os.environ.get(ENV_NAMES["mkfs"]) or "/nonexistent") == path
+    tools = erofs_tools.Tools.beside(path, env=named_by_env)
     version = erofs_tools.version(path)
     if version is None:
         raise BuildError(f"{path} --version failed: not a working mkfs.erofs")
