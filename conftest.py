@@ -66,7 +66,8 @@ def resolve_mkfs(config):
     """The erofs-utils under test, named once per run: --mkfs or MKFS_EROFS (used as it is;
     nothing is built or downloaded), else --erofs-utils-src (that tree, built), else Debian's.
     Exports MKFS_EROFS, DUMP_EROFS and FSCK_EROFS, so every tool, image, worker and VM of the
-    run uses exactly these binaries.  Raises deps.ToolError."""
+    run uses exactly these binaries.  Raises deps.ToolError (also for a release the suite does
+    not support, fixtures/erofs_tools.py UNSUPPORTED, in strict mode; else it warns)."""
     utils = getattr(config, "_erofs_utils", None)
     if utils is None:
         from vmtest import erofs_utils
@@ -76,6 +77,11 @@ def resolve_mkfs(config):
             os.environ.pop(var, None)
         os.environ.update(utils.env())
         config._erofs_utils = utils
+        reason = utils.tools().why_unsupported()
+        if reason and strict_mode(config):
+            raise erofs_utils.BuildError(f"--strict: {reason}")
+        if reason:
+            print(f"erofs-fscache: warning: {reason}", file=sys.stderr)
     return utils
 
 
@@ -86,11 +92,16 @@ def erofs_utils(pytestconfig):
     from vmtest import deps
 
     try:
-        return resolve_mkfs(pytestconfig)
+        utils = resolve_mkfs(pytestconfig)  # strict mode: raises for an unsupported release too
     except deps.ToolError as e:
         if strict_mode(pytestconfig):
-            pytest.fail(f"--strict: no erofs-utils to test: {e}", pytrace=False)
+            pytest.fail(str(e) if str(e).startswith("--strict") else f"--strict: no erofs-utils to test: {e}",
+                        pytrace=False)
         pytest.skip(f"no erofs-utils to test: {e}")
+    reason = utils.tools().why_unsupported()
+    if reason:
+        pytest.skip(reason)
+    return utils
 
 
 @pytest.fixture(scope="session")

@@ -322,3 +322,16 @@ def test_tox_unit_env_does_not_build_erofs_utils():
     """With MKFS_EROFS set, `tox -e unit` must not fetch Debian's erofs-utils first."""
     section = (REPO / "tox.ini").read_text().split("[testenv:unit]", 1)[1].split("\n[", 1)[0]
     assert not [line for line in section.splitlines() if "build-erofs-utils" in line and not line.startswith("#")]
+
+
+@pytest.mark.parametrize("version, supported", [("1.7.1", False), ("1.8.5", True), ("1.8.10", True),
+                                                ("1.9", False), ("1.9.2-g1234abcd", False), ("1.9.3", True),
+                                                ("1.9.4", True), ("local-build", True)])
+def test_supported_releases(tmp_path, version, supported):
+    mkfs = tmp_path / "mkfs.erofs"
+    mkfs.write_text(f"#!/bin/sh\necho 'mkfs.erofs (erofs-utils) {version}'\n")
+    mkfs.chmod(0o755)
+    reason = erofs_tools.Tools.beside(mkfs).why_unsupported()
+    assert (reason is None) == supported, reason
+    if version.startswith("1.9") and not supported:
+        assert "1.9.3" in reason, reason
