@@ -148,7 +148,8 @@ def from_binary(mkfs: str | os.PathLike) -> ErofsUtils:
     tools = erofs_tools.Tools.beside(path, env=named_by_env)
     version = erofs_tools.version(path)
     if version is None:
-        raise BuildError(f"{path} --version failed: not a working mkfs.erofs")
+        raise BuildError(f"{path} --version failed: not a working mkfs.erofs, or one older than 1.8 "
+                         "(1.7 has no --version; the suite supports 1.8 and newer)")
     return ErofsUtils(mkfs=tools.mkfs, dump=tools.dump or "", fsck=tools.fsck or "", version=version,
                       source=f"given: {path}", key=erofs_tools.identity(path)[:16], build_seconds=0.0,
                       cached=True)
@@ -268,7 +269,8 @@ def _build(
         shutil.copy2(built, bindir / name)
     version = erofs_tools.version(bindir / TOOLS["mkfs"])
     if version is None:
-        raise BuildError(f"{bindir / TOOLS['mkfs']} --version failed; see {logfile}")
+        raise BuildError(f"{bindir / TOOLS['mkfs']} --version failed (erofs-utils before 1.8 has no --version; "
+                         f"the suite supports 1.8 and newer); see {logfile}")
     return ErofsUtils(
         **{k: str(bindir / n) for k, n in TOOLS.items()},
         version=version, source=source, key=key, build_seconds=0.0,
