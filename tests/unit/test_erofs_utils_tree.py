@@ -335,3 +335,14 @@ def test_supported_releases(tmp_path, version, supported):
     assert (reason is None) == supported, reason
     if version.startswith("1.9") and not supported:
         assert "1.9.3" in reason, reason
+
+
+def test_workflow_builds_the_tree_and_tests_that_build():
+    """.github/workflows/fscache.yml: erofs-utils' own build (a failure fails the job), then the
+    VM suite on that build; triggers a mirror allows (push to branches, manual dispatch)."""
+    wf = (REPO / ".github" / "workflows" / "fscache.yml").read_text()
+    steps = [line.strip() for line in wf.splitlines() if line.strip().startswith("run:")]
+    assert "run: ./autogen.sh && ./configure && make -j\"$(nproc)\"" in steps, steps
+    assert "run: $SUITE/tools/erofs-utils-check --vm --no-build" in steps, steps
+    assert "|| true" not in wf and "pull_request" not in wf
+    assert "workflow_dispatch:" in wf and "branches: [dev, master, experimental-tests" in wf
