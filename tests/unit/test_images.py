@@ -363,7 +363,7 @@ def test_superblock_agrees_with_dump_erofs(built, dump, layout):
     sb = read_superblock(img.path)
     assert info["Filesystem UUID"] == sb.uuid == img.uuid
     assert int(info["Filesystem blocksize"]) == sb.block_size == BLOCK_SIZE
-    # dump/main.c: since commit 119a054 (in 1.9.3) "Filesystem incompatible features:" has a line
+    # dump/main.c: since commit 119a054 (in 1.9.1) "Filesystem incompatible features:" has a line
     # of its own; 1.8.x and 1.9 list compatible and incompatible ones in "Filesystem features:".
     incompat = info.get("Filesystem incompatible features", info.get("Filesystem features"))
     assert incompat is not None, f"dump.erofs -s printed no features line: {sorted(info)}"
