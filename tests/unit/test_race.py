@@ -58,10 +58,12 @@ def test_attempts_retry_until_enough_raced():
 
 
 def test_attempts_fail_with_the_evidence_when_the_race_never_happened():
-    race = Attempts("last umount vs new mount", wanted=1, limit=3, say=lambda _: None)
+    said = []
+    race = Attempts("last umount vs new mount", wanted=1, limit=3, say=said.append)
     while race.more():
         race.record(False, render_spans([Span("leave", "umount m1", 0, 1), Span("join", "mount m2", 2, 3)]))
     assert race.tried == 3
+    assert said[-1] == "attempt 3: last umount vs new mount: the two sides did not overlap; no attempts left"
     with pytest.raises(AssertionError) as ei:
         race.check()
     msg = str(ei.value)
