@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO / "tools"))
 
 from fixtures.kernel import strict_mode  # noqa: E402
 
-pytest_plugins = ["fixtures.plugin"]
+pytest_plugins = ["fixtures.plugin", "fixtures.record"]
 
 
 def _env_path(name):
