@@ -1,0 +1,135 @@
+"""Find the first commit that breaks one test (tools/bisect).
+
+The commits are tested in a git worktree of their own (cache/bisect/<hash of the repository>/
+tree, `git worktree add --detach`), never in the user's tree, and with one build directory:
+each step checks a commit out there (git rewrites only the files that differ, with a new
+mtime) and rebuilds incrementally.  The first time, the build directory starts as a copy of
+the tree's own build directory when the suite built the tree before
+(variants.seed_builddir), with every file that differs from that tree marked new.
+
+A commit that does not build (tools/build-kernel's exit 125) or whose test is skipped is
+skipped, like `git bisect skip`; the search goes on with its neighbours.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import compare, deps, kernel, variants
+from .paths import cache_root
+
+
+def git(repo: Path, *args: str) -> str:
+    r = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True)
+    if r.returncode:
+        raise deps.ToolError(f"git {' '.join(args)} in {repo} failed: {r.stderr.strip()[-1000:]}")
+    return r.stdout.strip()
+
+
+def commits_between(repo: Path, good: str, bad: str) -> list[str]:
+    """Commits after `good` up to and including `bad`, oldest first (first-parent history)."""
+    revs = git(repo, "rev-list", "--reverse", "--first-parent", f"{good}..{bad}").split()
+    if not revs:
+        raise deps.ToolError(f"no commits between {good} and {bad} (is {good} an ancestor of {bad}?)")
+    return revs
+
+
+@dataclass
+class Step:
+    commit: str
+    verdict: str  # good, bad, skip
+    detail: str = ""
+    build_s: float = 0.0
+    test_s: float = 0.0
+
+
+@dataclass
+class Search:
+    """Binary search over commits[0..n-1] (commits[-1] is bad, its parent `good` is good)."""
+
+    commits: list[str]
+    steps: dict[int, Step] = field(default_factory=dict)
+
+    def bounds(self) -> tuple[int, int]:
+        lo = max([i for i, s in self.steps.items() if s.verdict == "good"], default=-1)
+        hi = min([i for i, s in self.steps.items() if s.verdict == "bad"], default=len(self.commits) - 1)
+        return lo, hi
+
+    def next(self) -> int | None:
+        """The next commit to test, or None when the culprit (or a skipped range) is found."""
+        lo, hi = self.bounds()
+        candidates = [i for i in range(lo + 1, hi) if i not in self.steps]
+        if not candidates:
+            return None
+        mid = (lo + hi) / 2
+        return min(candidates, key=lambda i: (abs(i - mid), i))
+
+    def culprits(self) -> list[int]:
+        """The first bad commit, or the skipped commits before it that could be it as well."""
+        lo, hi = self.bounds()
+        return list(range(lo + 1, hi + 1))
+
+
+def worktree(repo: Path, rev: str, log) -> Path:
+    """This repository's bisect worktree, checked out at `rev` (created the first time)."""
+    common = Path(git(repo, "rev-parse", "--path-format=absolute", "--git-common-dir"))
+    wt = cache_root() / "bisect" / hashlib.sha256(str(common).encode()).hexdigest()[:12] / "tree"
+    if not (wt / ".git").exists():
+        wt.parent.mkdir(parents=True, exist_ok=True)
+        git(repo, "worktree", "prune")
+        git(repo, "worktree", "add", "--detach", str(wt), rev)
+        log(f"worktree {wt} created at {rev[:12]}")
+        return wt
+    git(wt, "checkout", "-q", "--detach", "--force", rev)
+    return wt
+
+
+def seed_from_tree(repo: Path, wt: Path, options: dict[str, str], log) -> None:
+    """A new worktree's build directory starts as a copy of the tree's own (when there is one):
+    files equal to the tree's get an old mtime, files that differ a new one."""
+    src_build = variants.builddir_for(repo.resolve(), options)
+    dst_build = variants.builddir_for(wt, options)
+    if dst_build.exists() or not (src_build / "vmlinux").exists():
+        return
+    old = (src_build / ".config").stat().st_mtime - 86400
+    changed = set(git(repo, "diff", "--name-only", "HEAD").split()) | set(
+        git(repo, "diff", "--name-only", "HEAD", git(wt, "rev-parse", "HEAD")).split())
+    for dirpath, dirnames, filenames in os.walk(wt):
+        if dirpath == str(wt):
+            dirnames[:] = [d for d in dirnames if d != ".git"]
+        for name in filenames:
+            p = os.path.join(dirpath, name)
+            if os.path.relpath(p, wt) not in changed:
+                os.utime(p, (old, old), follow_symlinks=False)
+    variants.seed_builddir(src_build, dst_build, repo.resolve(), wt)
+    log(f"build directory seeded from {src_build} ({len(changed)} file(s) differ from the tree)")
+
+
+def verdict_of(observables: Path, test_id: str) -> tuple[str, str]:
+    """(good|bad|skip, failure's first line) of one test from a run's observables."""
+    runs = compare.load_runs(observables)
+    recs = [r[n] for r in runs for n in r if n == test_id or n.endswith(test_id)]
+    if not recs:
+        return "skip", "the test did not run (no result)"
+    rec = recs[0]
+    if rec.outcome in compare.FAILING:
+        return "bad", rec.rule or rec.outcome
+    if rec.outcome in ("passed", "xpassed"):
+        return "good", ""
+    return "skip", f"test {rec.outcome}: {rec.rule or ''}"
+
+
+def build_commit(wt: Path, commit: str, profile: str, log) -> tuple[Path | None, str, float]:
+    """Check out and build a commit; (bzImage or None when it does not build, why, seconds)."""
+    start = time.monotonic()
+    git(wt, "checkout", "-q", "--detach", "--force", commit)
+    try:
+        _, build = variants.base_build(variants.Side("bisect", tree=wt), profile)
+        return build.build(), "", time.monotonic() - start
+    except kernel.BuildFailed as e:
+        return None, str(e).splitlines()[-1] if str(e) else "does not build", time.monotonic() - start
