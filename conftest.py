@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO / "tools"))
 
 from fixtures.kernel import strict_mode  # noqa: E402
 
-pytest_plugins = ["fixtures.plugin", "fixtures.record"]
+pytest_plugins = ["fixtures.record", "fixtures.plugin"]
 
 
 def _env_path(name):
