@@ -89,25 +89,36 @@ def worktree(repo: Path, rev: str, log) -> Path:
     return wt
 
 
-def seed_from_tree(repo: Path, wt: Path, options: dict[str, str], log) -> None:
-    """A new worktree's build directory starts as a copy of the tree's own (when there is one):
-    files equal to the tree's get an old mtime, files that differ a new one."""
-    src_build = variants.builddir_for(repo.resolve(), options)
+def seed_from_tree(repo: Path, wt: Path, options: dict[str, str], log, seed: Path | None = None) -> None:
+    """A new worktree's build directory starts as a copy of a built tree's (`seed`, default the
+    repository's own tree, when the suite built it): the worktree's files equal to the seed's
+    get an old mtime, the files that differ keep their new one, so make rebuilds just those."""
+    seed = (seed or repo).resolve()
+    src_build = variants.builddir_for(seed, options)
     dst_build = variants.builddir_for(wt, options)
     if dst_build.exists() or not (src_build / "vmlinux").exists():
         return
+    start = time.monotonic()
     old = (src_build / ".config").stat().st_mtime - 86400
-    changed = set(git(repo, "diff", "--name-only", "HEAD").split()) | set(
-        git(repo, "diff", "--name-only", "HEAD", git(wt, "rev-parse", "HEAD")).split())
+    if seed == repo.resolve():
+        changed = set(git(repo, "diff", "--name-only", "HEAD").split()) | set(
+            git(repo, "diff", "--name-only", "HEAD", git(wt, "rev-parse", "HEAD")).split())
+        same = lambda rel: rel not in changed  # noqa: E731
+    else:
+        same = lambda rel: variants.same_file(wt / rel, seed / rel)  # noqa: E731
+    n = 0
     for dirpath, dirnames, filenames in os.walk(wt):
         if dirpath == str(wt):
             dirnames[:] = [d for d in dirnames if d != ".git"]
         for name in filenames:
             p = os.path.join(dirpath, name)
-            if os.path.relpath(p, wt) not in changed:
+            if same(os.path.relpath(p, wt)):
                 os.utime(p, (old, old), follow_symlinks=False)
-    variants.seed_builddir(src_build, dst_build, repo.resolve(), wt)
-    log(f"build directory seeded from {src_build} ({len(changed)} file(s) differ from the tree)")
+            else:
+                n += 1
+    variants.seed_builddir(src_build, dst_build, seed, wt)
+    log(f"build directory seeded from {src_build} in {time.monotonic() - start:.0f} s "
+        f"({n} file(s) differ from {seed})")
 
 
 def verdict_of(observables: Path, test_id: str) -> tuple[str, str]:

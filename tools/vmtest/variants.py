@@ -101,7 +101,7 @@ def parse_side(spec: str, other: Side | None = None, label: str = "A") -> Side:
 
 
 # ----------------------------------------------------------------- patches
-_DIFF_PATH = re.compile(r"^diff --git a/(\S+) b/(\S+)$|^\+\+\+ b/(\S+)$|^--- a/(\S+)$", re.M)
+_DIFF_PATH = re.compile(r"^diff --git a/(\S+) b/(\S+)$|^\+\+\+ b/(\S+)|^--- a/(\S+)", re.M)
 
 
 def touched_paths(patch_text: str) -> list[str]:
@@ -183,6 +183,21 @@ def sync_farm(base: Path, farm: Path, private: set[str]) -> int:
             os.link(src, dst, follow_symlinks=False)
             n += 1
     return n
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Same content (a hard link of the other, or equal bytes)."""
+    try:
+        sa, sb = a.lstat(), b.lstat()
+    except FileNotFoundError:
+        return False
+    if (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino):
+        return True
+    if sa.st_size != sb.st_size or os.path.islink(a) or os.path.islink(b):
+        return os.path.islink(a) and os.path.islink(b) and os.readlink(a) == os.readlink(b)
+    import filecmp
+
+    return filecmp.cmp(a, b, shallow=False)
 
 
 def builddir_for(src: Path, options: dict[str, str]) -> Path:
