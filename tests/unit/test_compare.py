@@ -2,6 +2,7 @@
 (fixtures/record.py), patch series and farms (tools/vmtest/variants.py) and the bisect search."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -304,3 +305,38 @@ def test_search_steps_around_commits_that_do_not_build():
     assert culprits == [3, 4]
     culprits, _ = run_search(8, 4, skip={3, 4, 5, 6})
     assert culprits == [3, 4, 5, 6, 7]
+
+
+# ----------------------------------------------------------------- recorder through pytest-xdist
+FAKE_TESTS = '''
+import errno
+from fixtures import record
+
+def test_mounts_pass():
+    record.mount_result("fsid=app1,domain_id=d12x7", 0)
+    record.mount_result("fsid=app2,domain_id=d12x7", errno.ENOBUFS)
+
+def test_rule_fails():
+    record.mount_result("fsid=x,domain_id=d12x9", 0)
+    raise AssertionError("RULE BROKEN: shared domain: one OPEN for d12x9\\nthe tables")
+'''
+
+
+def test_observables_reach_the_controller_through_xdist(tmp_path):
+    (tmp_path / "test_fake.py").write_text(FAKE_TESTS)
+    repo = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, "-m", "pytest", "-p", "fixtures.record", "-p", "no:cacheprovider",
+                        "-n", "1", "--repeat-tests", "2", f"--junitxml={tmp_path / 'out' / 'junit.xml'}",
+                        "--rootdir", str(tmp_path), str(tmp_path / "test_fake.py")],
+                       cwd=repo, capture_output=True, text=True, env={**os.environ,
+                                                                      "PYTHONPATH": str(repo)})
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    runs = compare.load_runs(tmp_path / "out" / "observables.jsonl")
+    assert len(runs) == 2
+    passed = runs[1]["test_fake.py::test_mounts_pass"]
+    assert passed.outcome == "passed"
+    assert passed.observables == {"mount 1": "fsid=app1,domain_id=d#1 -> OK",
+                                  "mount 2": "fsid=app2,domain_id=d#1 -> ENOBUFS"}
+    failed = runs[0]["test_fake.py::test_rule_fails"]
+    assert failed.outcome == "failed" and failed.rule == "RULE BROKEN: shared domain: one OPEN for d#1"
+    assert "erofs_observables" not in (tmp_path / "out" / "junit.xml").read_text()
