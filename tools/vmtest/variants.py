@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -279,18 +280,28 @@ class Farm:
 
 
 # ----------------------------------------------------------------- building
+@functools.cache
+def debian_tree(version: str | None) -> Path:
+    """Debian's unpacked tree of a kernel series, resolved once per run (the private apt
+    list's update and download check took 52 s here even with everything cached)."""
+    log = kernel.KernelBuild.log
+    if hasattr(kernel, "choose_series"):  # --kernel-version support (tools/build-kernel)
+        series = kernel.choose_series(version, None)
+        return kernel.fetch_debian_source(series.package, series.suites, log=log)
+    if version not in (None, "6.12"):
+        raise deps.ToolError(f"kernel version {version} needs tools/build-kernel --kernel-version "
+                             f"(not in this checkout yet)")
+    return kernel.fetch_debian_source(log=log)
+
+
 def base_build(side: Side, profile: str = "default"):
     """(tree, KernelBuild) of a side's base: its tree, or Debian's tree of its series."""
-    if hasattr(kernel, "build_for"):  # --kernel-version support (tools/build-kernel)
-        series = kernel.choose_series(side.version, side.tree)
-        b = kernel.build_for(series, side.tree, profile)
-        return b.src, b
-    if side.version not in (None, "6.12"):
-        raise deps.ToolError(f"{side.label}: kernel version {side.version} needs tools/build-kernel "
-                             f"--kernel-version (not in this checkout yet)")
-    tree = side.tree or kernel.fetch_debian_source(log=kernel.KernelBuild.log)
-    b = kernel.KernelBuild(src=tree, options=kernel.load_fragments(profile, []), profile=profile,
-                           pristine=side.tree is None)
+    tree = side.tree or debian_tree(side.version)
+    if hasattr(kernel, "build_for"):  # the series' fragments, by the tree's version
+        b = kernel.build_for(kernel.choose_series(side.version, tree), tree, profile)
+    else:
+        b = kernel.KernelBuild(src=tree, options=kernel.load_fragments(profile, []), profile=profile)
+    b.pristine = side.tree is None  # an unpacked Debian package: its stamp is trusted
     return tree, b
 
 
