@@ -8,6 +8,8 @@ cache (keyed by kernel image).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import subprocess
@@ -95,11 +97,26 @@ class SuiteRun:
         return None
 
 
-def run_parallel(runs: list[SuiteRun], env: dict[str, str], log=print) -> None:
+@contextlib.contextmanager
+def vm_lock(path: Path | None, log=print):
+    """Hold an flock on `path` while VMs run (a machine shared with other runs); no-op for None."""
+    if path is None:
+        yield
+        return
+    with open(path, "a") as f:
+        start = time.monotonic()
+        fcntl.flock(f, fcntl.LOCK_EX)
+        if time.monotonic() - start > 1:
+            log(f"waited {time.monotonic() - start:.0f} s for {path}")
+        yield
+
+
+def run_parallel(runs: list[SuiteRun], env: dict[str, str], log=print, lock: Path | None = None) -> None:
     """Start every run, then wait for all (each side boots its own VMs)."""
-    for r in runs:
-        log(f"{r.label}: {' '.join(r.cmd[1:])}")
-        r.start(env)
-    for r in runs:
-        r.wait()
-        log(f"{r.label}: {r.summary().splitlines()[-1] if r.summary() else ''} ({r.seconds:.0f} s, log {r.log})")
+    with vm_lock(lock, log):
+        for r in runs:
+            log(f"{r.label}: {' '.join(r.cmd[1:])}")
+            r.start(env)
+        for r in runs:
+            r.wait()
+            log(f"{r.label}: {r.summary().splitlines()[-1] if r.summary() else ''} ({r.seconds:.0f} s, log {r.log})")
