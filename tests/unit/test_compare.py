@@ -340,3 +340,13 @@ def test_observables_reach_the_controller_through_xdist(tmp_path):
     failed = runs[0]["test_fake.py::test_rule_fails"]
     assert failed.outcome == "failed" and failed.rule == "RULE BROKEN: shared domain: one OPEN for d#1"
     assert "erofs_observables" not in (tmp_path / "out" / "junit.xml").read_text()
+
+
+def test_pytest_command_keeps_the_selection_and_adds_the_default_path(tmp_path):
+    from vmtest import suite_run
+
+    cmd = suite_run.pytest_command(Path("/k/bzImage"), tmp_path, ["-k", "domains"], repeat=3)
+    assert cmd[-3:] == ["-k", "domains", "tests/fscache"]
+    assert "--repeat-tests" in cmd and f"--junitxml={tmp_path / 'junit.xml'}" in cmd
+    node = "tests/fscache/test_domains.py::test_separate_domains_share_nothing"
+    assert suite_run.pytest_command(Path("/k/bzImage"), tmp_path, [node])[-1] == node
