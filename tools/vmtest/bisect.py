@@ -89,13 +89,13 @@ def worktree(repo: Path, rev: str, log) -> Path:
     return wt
 
 
-def seed_from_tree(repo: Path, wt: Path, options: dict[str, str], log, seed: Path | None = None) -> None:
+def seed_from_tree(repo: Path, wt: Path, build, log, seed: Path | None = None) -> None:
     """A new worktree's build directory starts as a copy of a built tree's (`seed`, default the
     repository's own tree, when the suite built it): the worktree's files equal to the seed's
     get an old mtime, the files that differ keep their new one, so make rebuilds just those."""
     seed = (seed or repo).resolve()
-    src_build = variants.builddir_for(seed, options)
-    dst_build = variants.builddir_for(wt, options)
+    src_build = variants.builddir_for(seed, build.options)
+    dst_build = build.builddir
     if dst_build.exists() or not (src_build / "vmlinux").exists():
         return
     start = time.monotonic()
@@ -117,6 +117,7 @@ def seed_from_tree(repo: Path, wt: Path, options: dict[str, str], log, seed: Pat
             else:
                 n += 1
     variants.seed_builddir(src_build, dst_build, seed, wt)
+    variants.settle_tools(build, src_build, [], log)
     log(f"build directory seeded from {src_build} in {time.monotonic() - start:.0f} s "
         f"({n} file(s) differ from {seed})")
 

@@ -234,11 +234,31 @@ def seed_builddir(src_build: Path, dst_build: Path, old_src: Path, new_src: Path
     return True
 
 
+def settle_tools(build, seed_build: Path, touched: list[str], log) -> None:
+    """After seeding: build objtool now and give it the seed's mtime.  Every object names
+    objtool as a prerequisite (`$(wildcard ./tools/objtool/objtool)` in its .cmd), and the
+    tools build relinks it in a relocated build directory (it is built with -g, the source
+    path is in it), which would rebuild every object.  Its sources are the seed's unless the
+    series touches tools/, so the old mtime is the truth."""
+    objtool = build.builddir / "tools" / "objtool" / "objtool"
+    old = seed_build / "tools" / "objtool" / "objtool"
+    if not old.exists() or any(p.startswith("tools/") for p in touched):
+        return
+    start = time.monotonic()
+    build._make("tools/objtool")
+    if objtool.exists():
+        st = old.stat()
+        os.utime(objtool, ns=(st.st_atime_ns, st.st_mtime_ns))
+        log(f"objtool rebuilt in {time.monotonic() - start:.0f} s, seed's mtime restored")
+
+
 @dataclass
 class Farm:
     """A base tree's farm: its tree, state (paths that are private copies) and lock."""
 
     base: Path
+    seeded_from: Path | None = None
+    touched: list[str] = field(default_factory=list)
 
     @property
     def root(self) -> Path:
@@ -268,8 +288,12 @@ class Farm:
         apply_series(self.tree, [f for p in patches for f in series_files(p)])
         log(f"farm {self.tree}: {n} links refreshed, {len(dirty | set(touched))} private files, "
             f"{len(patches)} series applied in {time.monotonic() - start:.1f} s")
-        if seed_builddir(builddir_for(self.base, options), builddir_for(self.tree, options), self.base, self.tree):
-            log(f"build directory of the farm seeded from {builddir_for(self.base, options)}")
+        seed = builddir_for(self.base, options)
+        self.seeded_from = None
+        if seed_builddir(seed, builddir_for(self.tree, options), self.base, self.tree):
+            log(f"build directory of the farm seeded from {seed}")
+            self.seeded_from = seed
+        self.touched = touched
         return self.tree
 
     def built(self, patches: list[Path]) -> None:
@@ -317,6 +341,8 @@ def build_side(side: Side, profile: str = "default", log=kernel.KernelBuild.log)
     with locked(farm.root / "lock"):
         src = farm.prepare(side.patches, base.options, log)
         b = kernel.KernelBuild(src=src, options=base.options, profile=profile)
+        if farm.seeded_from is not None:
+            settle_tools(b, farm.seeded_from, farm.touched, log)
         image = b.build()
         farm.built(side.patches)
     return image, time.monotonic() - start
