@@ -246,10 +246,20 @@ def settle_tools(build, seed_build: Path, touched: list[str], log) -> None:
         return
     start = time.monotonic()
     build._make("tools/objtool")
-    if objtool.exists():
-        st = old.stat()
-        os.utime(objtool, ns=(st.st_atime_ns, st.st_mtime_ns))
-        log(f"objtool rebuilt in {time.monotonic() - start:.0f} s, seed's mtime restored")
+    if not objtool.exists():
+        return
+    # objtool and everything it is linked from (libsubcmd.a, objtool-in.o ...), or the next
+    # make finds its inputs newer and links it again.
+    n = 0
+    for dirpath, _, filenames in os.walk(build.builddir / "tools"):
+        for name in filenames:
+            new_f = Path(dirpath) / name
+            seed_f = seed_build / new_f.relative_to(build.builddir)
+            if seed_f.exists() and not new_f.is_symlink():
+                st = seed_f.stat()
+                os.utime(new_f, ns=(st.st_atime_ns, st.st_mtime_ns))
+                n += 1
+    log(f"objtool rebuilt in {time.monotonic() - start:.0f} s; {n} files under tools/ keep the seed's mtimes")
 
 
 @dataclass
