@@ -50,7 +50,8 @@ class Side:
     patches: list[Path] = field(default_factory=list)
 
     def describe(self) -> str:
-        base = str(self.image or self.tree or f"Debian linux-source-{self.version or 'default'}")
+        version = self.version or getattr(kernel, "DEFAULT_KERNEL_VERSION", "6.12")
+        base = str(self.image or self.tree or f"Debian's linux-source-{version}")
         return base + "".join(f" + {p.name}" for p in self.patches)
 
 
