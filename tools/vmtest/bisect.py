@@ -85,8 +85,16 @@ def worktree(repo: Path, rev: str, log) -> Path:
         git(repo, "worktree", "add", "--detach", str(wt), rev)
         log(f"worktree {wt} created at {rev[:12]}")
         return wt
-    git(wt, "checkout", "-q", "--detach", "--force", rev)
+    checkout(wt, rev)
     return wt
+
+
+def checkout(wt: Path, rev: str) -> None:
+    """Check `rev` out in our worktree, rewriting only the files that differ: the index is
+    refreshed first (a file whose mtime changed is stat-dirty, and a forced checkout would
+    write it again with a new mtime, so make would rebuild what depends on it)."""
+    subprocess.run(["git", "-C", str(wt), "update-index", "-q", "--refresh"], capture_output=True)
+    git(wt, "checkout", "-q", "--detach", rev)
 
 
 def seed_from_tree(repo: Path, wt: Path, build, log, seed: Path | None = None) -> None:
@@ -116,6 +124,7 @@ def seed_from_tree(repo: Path, wt: Path, build, log, seed: Path | None = None) -
                 os.utime(p, (old, old), follow_symlinks=False)
             else:
                 n += 1
+    subprocess.run(["git", "-C", str(wt), "update-index", "-q", "--refresh"], capture_output=True)
     variants.seed_builddir(src_build, dst_build, seed, wt)
     variants.settle_tools(build, src_build, [], log)
     log(f"build directory seeded from {src_build} in {time.monotonic() - start:.0f} s "
@@ -139,7 +148,7 @@ def verdict_of(observables: Path, test_id: str) -> tuple[str, str]:
 def build_commit(wt: Path, commit: str, profile: str, log) -> tuple[Path | None, str, float]:
     """Check out and build a commit; (bzImage or None when it does not build, why, seconds)."""
     start = time.monotonic()
-    git(wt, "checkout", "-q", "--detach", "--force", commit)
+    checkout(wt, commit)
     try:
         _, build = variants.base_build(variants.Side("bisect", tree=wt), profile)
         return build.build(), "", time.monotonic() - start
