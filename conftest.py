@@ -182,6 +182,9 @@ def pytest_report_header(config):
         rows = guest["table"]
         how = f"probed in a VM earlier: {guest['cached']}" if guest.get("cached") else "probed in a VM"
         title = f"test kernel {os.environ.get('EROFS_TEST_KERNEL')} ({how})"
+    elif vm_mode(config) and not is_worker(config):
+        return [f"test kernel {os.environ.get('EROFS_TEST_KERNEL')} (features not probed: EROFS_TEST_PROBE=0)",
+                f"strict mode: {'on' if strict_mode(config) else 'off'}"]
     elif not is_worker(config):
         from fixtures import kernel as fk
 

@@ -72,8 +72,11 @@ class SuiteRun:
         self.observables.unlink(missing_ok=True)
         self.started = time.monotonic()
         with open(self.log, "w") as log:
+            # tools/vm-python finds vng next to the venv's Python or on PATH, as under tox
+            path = f"{Path(self.cmd[0]).parent}{os.pathsep}{os.environ.get('PATH', '')}"
             self.proc = subprocess.Popen(self.cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                         env=dict(os.environ, **env, EROFS_TEST_RESULTS=str(self.outdir)))
+                                         env=dict(os.environ, **env, PATH=path,
+                                                  EROFS_TEST_RESULTS=str(self.outdir)))
         return self
 
     def wait(self) -> int:
