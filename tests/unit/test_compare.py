@@ -267,6 +267,11 @@ def test_farm_applies_a_series_without_touching_the_tree(farm_env):
     assert (got / "fs/erofs/super.c").stat().st_ino == (tree / "fs/erofs/super.c").stat().st_ino
     assert (got / "fs/erofs/fscache.c").stat().st_ino != (tree / "fs/erofs/fscache.c").stat().st_ino
     farm.built([series])
+    # the same series again: nothing is rewritten (nothing to rebuild)
+    mtime = (got / "fs/erofs/fscache.c").stat().st_mtime_ns
+    messages = []
+    farm.prepare([series], {}, log=messages.append)
+    assert (got / "fs/erofs/fscache.c").stat().st_mtime_ns == mtime and "already holds" in messages[0]
     # the next series on the same base starts from the base again
     again = farm.prepare([], {}, log=lambda m: None)
     assert (again / "fs/erofs/fscache.c").read_text() == "static int x;\nstatic int y = 1;\n"

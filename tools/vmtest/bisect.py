@@ -76,7 +76,7 @@ class Search:
 
 
 def worktree(repo: Path, rev: str, log) -> Path:
-    """This repository's bisect worktree, checked out at `rev` (created the first time)."""
+    """This repository's bisect worktree (created at `rev` the first time)."""
     common = Path(git(repo, "rev-parse", "--path-format=absolute", "--git-common-dir"))
     wt = cache_root() / "bisect" / hashlib.sha256(str(common).encode()).hexdigest()[:12] / "tree"
     if not (wt / ".git").exists():
@@ -84,9 +84,7 @@ def worktree(repo: Path, rev: str, log) -> Path:
         git(repo, "worktree", "prune")
         git(repo, "worktree", "add", "--detach", str(wt), rev)
         log(f"worktree {wt} created at {rev[:12]}")
-        return wt
-    checkout(wt, rev)
-    return wt
+    return wt  # an existing one stays where it is: build_commit checks each commit out
 
 
 def checkout(wt: Path, rev: str) -> None:

@@ -158,6 +158,14 @@ def private_copy(src: Path | None, dst: Path) -> None:
     tmp.replace(dst)
 
 
+def series_digest(patches: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in patches:
+        for f in series_files(p):
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 def sync_farm(base: Path, farm: Path, private: set[str]) -> int:
     """Make `farm` hard links of `base` (except .git and the `private` paths); returns how many
     links were made or replaced."""
@@ -291,6 +299,11 @@ class Farm:
         for p in patches:
             for f in series_files(p):
                 touched += touched_paths(f.read_text(errors="surrogateescape"))
+        self.touched = touched
+        if n == 0 and state.get("built") == series_digest(patches):
+            log(f"farm {self.tree}: already holds this series, built")
+            self.seeded_from = None
+            return self.tree
         # Everything an earlier series touched, and what this one touches, becomes a private
         # copy of the base (new mtime): rebuilt now, and again when the next series drops it.
         for rel in sorted(dirty | set(touched)):
@@ -311,7 +324,7 @@ class Farm:
         """After a successful build: only this series' files stay private."""
         touched = sorted({t for p in patches for f in series_files(p)
                           for t in touched_paths(f.read_text(errors="surrogateescape"))})
-        (self.root / "state.json").write_text(json.dumps({"dirty": touched}))
+        (self.root / "state.json").write_text(json.dumps({"dirty": touched, "built": series_digest(patches)}))
 
 
 # ----------------------------------------------------------------- building
