@@ -253,8 +253,17 @@ def _block(text: str, md: bool) -> str:
     return f"```\n{text}\n```" if md else text
 
 
+# What a maintainer reads first: the failure, mount errnos, kernel log, the daemon's requests,
+# then fscache objects, stats and cache files.
+ORDER = ("failure", "mount ", "kmsg ", "daemon ", "volume ", "cookie ", "stats ", "cache file")
+
+
+def rank(key: str) -> int:
+    return next((i for i, prefix in enumerate(ORDER) if key.startswith(prefix)), len(ORDER))
+
+
 def _moved_table(t: TestDiff, fmt: str, max_rows: int) -> str:
-    rows = [(k, va, vb) for k, va, vb in t.moved]
+    rows = sorted([(k, va, vb) for k, va, vb in t.moved], key=lambda r: rank(r[0]))
     rows += [(f"{k} (varies between runs)", va, vb) for k, va, vb in t.unsteady]
     more = len(rows) - max_rows
     rows = rows[:max_rows]
