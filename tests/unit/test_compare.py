@@ -355,3 +355,12 @@ def test_pytest_command_keeps_the_selection_and_adds_the_default_path(tmp_path):
     assert "--repeat-tests" in cmd and f"--junitxml={tmp_path / 'junit.xml'}" in cmd
     node = "tests/fscache/test_domains.py::test_separate_domains_share_nothing"
     assert suite_run.pytest_command(Path("/k/bzImage"), tmp_path, [node])[-1] == node
+
+
+def test_names_with_a_suffix_and_old_records_are_normalised():
+    n = record.Normalizer()
+    assert n("domain_id=x74x36d,domain_id=x74x36d1") == "domain_id=x#1d,domain_id=x#1d1"
+    runs = compare.parse_runs([json.dumps({"nodeid": "t", "outcome": "passed", "rule": None,
+                                           "observables": {"mount 1": "domain_id=x72x36d -> OK",
+                                                           "daemon OPEN erofs,x72x36d/b": 1}})])
+    assert runs[0]["t"].observables == {"mount 1": "domain_id=x#1d -> OK", "daemon OPEN erofs,x#1d/b": 1}

@@ -25,6 +25,8 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from fixtures.record import Normalizer
+
 FAILING = frozenset({"failed", "error"})
 GROUPS = ("newly failing", "newly passing", "outcome changed", "changed observables", "flaky",
           "only in A", "only in B")
@@ -64,7 +66,11 @@ def parse_runs(lines) -> list[dict[str, Run]]:
         if not line:
             continue
         d = json.loads(line)
-        run = Run(d["outcome"], d.get("rule"), d.get("observables") or {}, d.get("duration", 0.0))
+        # Names are numbered where the test ran (fixtures/record.py); numbering them again
+        # here catches what an older recorder left (idempotent on "d#1").
+        norm = Normalizer()
+        run = Run(d["outcome"], d.get("rule") and norm(d["rule"]), norm.observables(d.get("observables") or {}),
+                  d.get("duration", 0.0))
         for r in runs:
             if d["nodeid"] not in r:
                 r[d["nodeid"]] = run
