@@ -59,7 +59,7 @@ class Run:
 
 def parse_runs(lines) -> list[dict[str, Run]]:
     """JSON Lines (as fixtures/record.py writes them) -> runs: the k-th line of a test goes to
-    the k-th run (a file of `--repeat-tests N` holds N runs)."""
+    the k-th run."""
     runs: list[dict[str, Run]] = []
     for line in lines:
         line = line.strip()

@@ -38,13 +38,11 @@ def has_test_path(args: list[str]) -> bool:
     return False
 
 
-def pytest_command(image: Path, outdir: Path, args: list[str], *, vms: int = 1, repeat: int = 1,
+def pytest_command(image: Path, outdir: Path, args: list[str], *, vms: int = 1,
                    python: str | None = None) -> list[str]:
     cmd = [python or sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--dist", "load",
            "--tx", f"{vms}*popen//python=tools/vm-python", "--kernel", str(image),
            "--results", str(outdir), f"--junitxml={outdir / 'junit.xml'}", "-rfE"]
-    if repeat > 1:
-        cmd += ["--repeat-tests", str(repeat)]
     return cmd + list(args) + ([] if has_test_path(args) else [DEFAULT_TESTS])
 
 
