@@ -366,3 +366,30 @@ def test_names_with_a_suffix_and_old_records_are_normalised():
                                            "observables": {"mount 1": "domain_id=x72x36d -> OK",
                                                            "daemon OPEN erofs,x72x36d/b": 1}})])
     assert runs[0]["t"].observables == {"mount 1": "domain_id=x#1d -> OK", "daemon OPEN erofs,x#1d/b": 1}
+
+
+# ----------------------------------------------------------------- recorded in VMs (-k domains)
+def test_recorded_planted_break_fails_exactly_the_shared_blob_tests():
+    """Debian's 6.12.117 against it with erofs_domain_register_cookie() never finding an
+    existing cookie (first runs of tools/compare-kernels, recorded)."""
+    c = compare.Comparison.of("default", "never-share", compare.load_runs(DATA / "planted-a.jsonl"),
+                              compare.load_runs(DATA / "planted-b.jsonl"))
+    failing = c.group("newly failing")
+    assert {t.nodeid.split("::")[1] for t in failing} == {
+        "test_shared_domain_fetches_base_once[2]", "test_shared_domain_fetches_base_once[3]",
+        "test_shared_domain_fetches_base_once[8]", "test_separate_domains_share_nothing",
+        "test_mixed_topology[fsid-named-like-a-domain]", "test_mixed_topology[one-image-three-ways]",
+        "test_mixed_topology[two-domains-and-none]"}
+    assert not c.group("changed observables") and c.exit_status == 1
+    t = failing[0]
+    assert t.rule.startswith("RULE BROKEN: shared domain: every member mounts")
+    moved = {k: (a, b) for k, a, b in t.moved}
+    assert moved["mount 2"] == ("fsid=base+app2,domain_id=d#1 -> OK", "fsid=base+app2,domain_id=d#1 -> EINVAL")
+
+
+def test_recorded_identical_kernels_report_no_change():
+    """The same kernel on both sides; one test's domain names carry a suffix (x74x36d1),
+    which the recorder of that run did not normalise yet: the reader does."""
+    c = compare.Comparison.of("default", "default", compare.load_runs(DATA / "same-a.jsonl"),
+                              compare.load_runs(DATA / "same-b.jsonl"))
+    assert len(c.unchanged) == len(c.tests) == 12 and c.exit_status == 0
