@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO / "tools"))
 from fixtures.kernel import strict_mode  # noqa: E402
 from fixtures.process_utils import cmd  # noqa: E402
 
-pytest_plugins = ["fixtures.plugin"]
+pytest_plugins = ["fixtures.record", "fixtures.plugin"]
 
 
 def _env_path(name):
@@ -155,6 +155,8 @@ def probe_guest(kernel: Path) -> dict | None:
     workers without this extra boot (~10 s under TCG)."""
     from vmtest.paths import cache_root
 
+    if os.environ.get("EROFS_TEST_PROBE") == "0":  # tools/compare-kernels, tools/bisect: one boot less
+        return None
     saved = cache_root() / "probes" / f"{probe_key(kernel)}.json"
     if saved.exists():
         guest = json.loads(saved.read_text())
@@ -232,6 +234,9 @@ def pytest_report_header(config):
         rows = guest["table"]
         how = f"probed in a VM earlier: {guest['cached']}" if guest.get("cached") else "probed in a VM"
         title = f"test kernel {os.environ.get('EROFS_TEST_KERNEL')} ({how})"
+    elif vm_mode(config) and not is_worker(config):
+        return [f"test kernel {os.environ.get('EROFS_TEST_KERNEL')} (features not probed: EROFS_TEST_PROBE=0)",
+                f"strict mode: {'on' if strict_mode(config) else 'off'}"]
     elif not is_worker(config):
         from fixtures import kernel as fk
 

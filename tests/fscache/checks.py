@@ -26,6 +26,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from fixtures import record
 from fixtures.images import ErofsImage, Mismatch
 from fixtures.mounts import ErofsMount, MountError, MountTable
 from fixtures.observe.cachedir import (
@@ -192,7 +193,9 @@ def scan_volumes(cache_dir: Path, volume_keys: Iterable[str]) -> CacheDirListing
         for e in sorted(os.scandir(gdir), key=lambda e: e.name):
             st = e.stat(follow_symlinks=False)
             grave.append(GraveyardEntry(e.name, e.is_dir(follow_symlinks=False), st.st_size))
-    return CacheDirListing(str(root), tuple(files), (), tuple(grave), ())
+    listing = CacheDirListing(str(root), tuple(files), (), tuple(grave), ())
+    record.cache_listing(listing)
+    return listing
 
 
 # ----------------------------------------------------------------------------- content

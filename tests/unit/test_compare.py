@@ -1,0 +1,395 @@
+"""Comparing two kernels' runs (tools/vmtest/compare.py), the observables recorder's pure parts
+(fixtures/record.py), patch series and farms (tools/vmtest/variants.py) and the bisect search."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+
+from vmtest import bisect, compare, variants  # noqa: E402
+
+from fixtures import record  # noqa: E402
+
+DATA = Path(__file__).parent / "data" / "compare"
+T1 = "tests/fscache/test_domains.py::test_shared_domain_fetches_base_once[2]"
+T3 = "tests/fscache/test_domain_lifecycle.py::test_member_leaves"
+T5 = "tests/fscache/test_domain_conflicts.py::test_same_fsid_twice"
+
+
+def recorded(kind: str = "") -> compare.Comparison:
+    runs_a = compare.load_runs(DATA / "a-run.jsonl")
+    runs_b = compare.load_runs(DATA / "b-run.jsonl")
+    if kind == "reruns":
+        runs_a += compare.load_runs(DATA / "a-rerun.jsonl")
+        runs_b += compare.load_runs(DATA / "b-rerun.jsonl")
+    return compare.Comparison.of("default", "default + break.patch", runs_a, runs_b, {"selection": "-k domains"})
+
+
+# ----------------------------------------------------------------- comparison
+def test_parse_runs_splits_repeats_into_runs():
+    runs = compare.load_runs(DATA / "a-rerun.jsonl")
+    assert len(runs) == 2
+    assert list(runs[0]) == [T1, T3, T5] and list(runs[1]) == [T1, T3, T5]
+
+
+def test_first_runs_differ_in_outcome_and_observables():
+    a, b = compare.load_runs(DATA / "a-run.jsonl")[0], compare.load_runs(DATA / "b-run.jsonl")[0]
+    assert compare.differing(a, b) == [T1, T3, T5]
+
+
+def test_groups_after_reruns():
+    c = recorded("reruns")
+    assert [t.nodeid for t in c.group("newly failing")] == [T1]
+    assert [t.nodeid for t in c.group("changed observables")] == [T3]
+    assert [t.nodeid for t in c.group("flaky")] == [T5]
+    assert len(c.unchanged) == 2
+    assert c.exit_status == 1
+    t1 = c.group("newly failing")[0]
+    assert t1.rule.startswith("RULE BROKEN: shared domain: one volume")
+    assert ("daemon OPEN erofs,d#1/base", "1", "2") in t1.moved
+    assert ("cookie erofs,d#1/base", "1", "2") in t1.moved
+    assert t1.reruns == 2 and t1.gates
+    t5 = c.group("flaky")[0]
+    assert t5.outcome_b == "failed 1/3, passed 2/3" or t5.outcome_b == "passed 2/3, failed 1/3"
+    assert not t5.gates
+
+
+def test_without_reruns_a_difference_is_a_change():
+    c = recorded()
+    assert [t.nodeid for t in c.group("newly failing")] == [T1, T5]
+    assert not c.group("flaky")
+
+
+def test_identical_runs_report_no_change():
+    runs = compare.load_runs(DATA / "a-run.jsonl")
+    c = compare.Comparison.of("x", "x", runs, runs)
+    assert all(t.group == "unchanged" for t in c.tests)
+    assert c.exit_status == 0
+    text = c.render()
+    assert "Unchanged: 5 tests (passed 4, skipped 1)" in text
+    assert "Newly failing" not in text
+
+
+def test_flaky_observable_is_not_a_change():
+    a = [{"t": compare.Run("passed", observables={"k": 1, "j": 2})},
+         {"t": compare.Run("passed", observables={"k": 1, "j": 2})}]
+    b = [{"t": compare.Run("passed", observables={"k": 2, "j": 2})},
+         {"t": compare.Run("passed", observables={"k": 1, "j": 2})}]
+    c = compare.Comparison.of("a", "b", a, b)
+    (t,) = c.tests
+    assert t.group == "flaky" and t.unsteady == [("k", "1", "2 | 1")] and not t.moved
+
+
+def test_newly_passing_does_not_gate_and_only_in_one_side():
+    a = [{"t": compare.Run("failed", "RULE BROKEN: x"), "gone": compare.Run("passed")}]
+    b = [{"t": compare.Run("passed"), "new": compare.Run("passed")}]
+    c = compare.Comparison.of("a", "b", a, b)
+    assert [t.group for t in c.tests] == ["newly passing", "only in A", "only in B"]
+    assert c.exit_status == 0
+    assert c.tests[0].rule == "RULE BROKEN: x"
+
+
+def test_skip_to_fail_is_newly_failing_but_does_not_gate():
+    c = compare.Comparison.of("a", "b", [{"t": compare.Run("skipped", "no domain")}],
+                              [{"t": compare.Run("error", "leak")}])
+    assert c.tests[0].group == "newly failing" and c.exit_status == 0
+
+
+def test_reports_render_in_three_formats():
+    c = recorded("reruns")
+    text = c.render("simple")
+    assert "Newly failing (B fails what A does not): 1" in text
+    assert "observables that moved (3 run(s) of A, 3 of B)" in text
+    assert "daemon OPEN erofs,d#1/base" in text
+    md = c.render("github")
+    assert "### Newly failing (B fails what A does not): 1" in md
+    assert "| daemon OPEN erofs,d#1/base" in md
+    j = c.to_json()
+    json.dumps(j)
+    assert j["exit_status"] == 1
+    assert j["groups"]["newly failing"][0]["moved"][0]["observable"]
+    assert j["unchanged"]["count"] == 2
+
+
+def test_long_moved_lists_are_cut_in_text_not_in_json():
+    obs_a = {f"k{i}": i for i in range(30)}
+    obs_b = {f"k{i}": i + 1 for i in range(30)}
+    c = compare.Comparison.of("a", "b", [{"t": compare.Run("passed", observables=obs_a)}],
+                              [{"t": compare.Run("passed", observables=obs_b)}])
+    assert "... 15 more" in c.render(max_rows=15)
+    assert len(c.to_json()["groups"]["changed observables"][0]["moved"]) == 30
+
+
+# ----------------------------------------------------------------- recorder (pure parts)
+def test_normalizer_numbers_unique_names_per_prefix_and_hides_fanout():
+    n = record.Normalizer()
+    assert n("fsid=d123x45,domain_id=d123x46") == "fsid=d#1,domain_id=d#2"
+    assert n("cache/Ierofs,d123x45/@3f/Dblob") == "cache/Ierofs,d#1/@../Dblob"
+    assert n("t7x1 and cache8x2") == "t#1 and cache#1"
+    assert n("0x1f s008-4096.dat app1") == "0x1f s008-4096.dat app1"
+    assert n.kmsg("CacheFiles: cookie ffff888004a1c000 at 0x10 for d123x45") == \
+        "CacheFiles: cookie <hex> at <hex> for d#1"
+    assert n.kmsg("failed to get cookie for 8e90e569a9ba5886bf2b96c922ddb389") == \
+        "failed to get cookie for 8e90e569a9ba5886bf2b96c922ddb389"
+
+
+def test_daemon_counts_per_blob():
+    reqs = [{"op": "OPEN", "volume_key": "erofs,d5x1", "cookie_key": "base"},
+            {"op": "READ", "volume_key": "erofs,d5x1", "cookie_key": "base", "len": 4096},
+            {"op": "READ", "volume_key": "erofs,d5x1", "cookie_key": "base", "len": 8192},
+            {"op": "CLOSE", "volume_key": "erofs,d5x1", "cookie_key": "base"},
+            {"op": "COPEN_REPLY"}]
+    assert record.daemon_counts(reqs, record.Normalizer()) == {
+        "daemon OPEN erofs,d#1/base": 1, "daemon READ erofs,d#1/base": "2 x, 12288 B",
+        "daemon CLOSE erofs,d#1/base": 1}
+
+
+def test_stats_delta_leaves_out_timers_and_gauges():
+    before = {"Acquire": {"n": 3, "ok": 3}, "LRU": {"n": 1, "at": 500}, "Cookies": {"n": 2}}
+    after = {"Acquire": {"n": 5, "ok": 5}, "LRU": {"n": 4, "at": 10}, "Cookies": {"n": 0}}
+    assert record.stats_delta(before, after) == {"stats Acquire.n": 2, "stats Acquire.ok": 2}
+    assert record.stats_delta(None, after) == {}
+
+
+def test_failure_rule_first_line():
+    crash = SimpleNamespace(longrepr=SimpleNamespace(reprcrash=SimpleNamespace(
+        message="AssertionError: RULE BROKEN: shared domain: x\nmore")))
+    assert record.failure_rule(crash) == "RULE BROKEN: shared domain: x"
+    assert record.failure_rule(SimpleNamespace(longrepr="\nthe kernel logged 1 problem line(s)\n")) == \
+        "the kernel logged 1 problem line(s)"
+    assert record.failure_rule(SimpleNamespace(longrepr=("f.py", 3, "Skipped: no /dev/kmsg"))) == "no /dev/kmsg"
+    assert record.failure_rule(SimpleNamespace(longrepr=None)) is None
+
+
+def test_observables_file_next_to_junit():
+    cfg = SimpleNamespace(getoption=lambda name, default=None: None,
+                          option=SimpleNamespace(xmlpath="results/junit-host.xml"))
+    assert record.observables_path(cfg) == Path("results/observables-host.jsonl")
+
+
+# ----------------------------------------------------------------- series and farms
+PATCH = """From 1234567890abcdef1234567890abcdef12345678 Mon Sep 17 00:00:00 2001
+From: A <a@example.org>
+Subject: [PATCH 1/2] erofs: one
+
+---
+diff --git a/fs/erofs/fscache.c b/fs/erofs/fscache.c
+--- a/fs/erofs/fscache.c
++++ b/fs/erofs/fscache.c
+@@ -1,2 +1,2 @@
+ static int x;
+-static int y = 1;
++static int y = 2;
+--
+2.39.5
+
+From abcdefabcdefabcdefabcdefabcdefabcdefabcd Mon Sep 17 00:00:00 2001
+From: A <a@example.org>
+Subject: [PATCH 2/2] erofs: two
+
+---
+diff --git a/fs/erofs/fscache.c b/fs/erofs/fscache.c
+--- a/fs/erofs/fscache.c
++++ b/fs/erofs/fscache.c
+@@ -1,2 +1,2 @@
+-static int x;
++static int x = 3;
+ static int y = 2;
+diff --git a/fs/erofs/new.c b/fs/erofs/new.c
+new file mode 100644
+--- /dev/null
++++ b/fs/erofs/new.c
+@@ -0,0 +1 @@
++int z;
+--
+2.39.5
+"""
+
+
+def make_tree(root: Path) -> Path:
+    (root / "fs" / "erofs").mkdir(parents=True)
+    (root / "Makefile").write_text("VERSION = 6\nPATCHLEVEL = 12\n")
+    (root / "Kconfig").write_text("")
+    (root / "fs" / "erofs" / "fscache.c").write_text("static int x;\nstatic int y = 1;\n")
+    (root / "fs" / "erofs" / "super.c").write_text("int s;\n")
+    return root
+
+
+def test_touched_paths_and_split_mbox():
+    assert variants.touched_paths(PATCH) == ["fs/erofs/fscache.c", "fs/erofs/new.c"]
+    msgs = variants.split_mbox(PATCH)
+    assert len(msgs) == 2 and "Subject: [PATCH 2/2]" in msgs[1]
+
+
+def test_parse_side_forms(tmp_path):
+    tree = make_tree(tmp_path / "linux")
+    mbox = tmp_path / "v3.mbx"
+    mbox.write_text(PATCH)
+    image = tmp_path / "bzImage"
+    image.write_bytes(b"\0" * 64)
+    a = variants.parse_side(str(tree), label="A")
+    assert a.tree == tree and not a.patches
+    b = variants.parse_side(str(mbox), other=a, label="B")
+    assert b.tree == tree and b.patches == [mbox]
+    assert variants.parse_side(f"{tree}+{mbox}", label="B").patches == [mbox]
+    assert variants.parse_side(str(image), label="A").image == image
+    assert variants.parse_side("6.1", label="A").version == "6.1"
+    assert variants.parse_side("default+" + str(mbox), label="B").patches == [mbox]
+    with pytest.raises(variants.deps.ToolError, match="needs a tree"):
+        variants.parse_side(str(mbox), other=variants.Side("A", image=image), label="B")
+    with pytest.raises(variants.deps.ToolError, match="does not exist"):
+        variants.parse_side(str(tmp_path / "nope"), label="A")
+
+
+@pytest.fixture
+def farm_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("EROFS_TEST_CACHE", str(tmp_path / "cache"))
+    if subprocess.run(["git", "--version"], capture_output=True).returncode:
+        pytest.skip("no git")
+    return make_tree(tmp_path / "linux")
+
+
+def test_farm_applies_a_series_without_touching_the_tree(farm_env):
+    tree = farm_env
+    series = tree.parent / "v3.mbx"
+    series.write_text(PATCH)
+    farm = variants.Farm(tree)
+    got = farm.prepare([series], {}, log=lambda m: None)
+    assert (got / "fs/erofs/fscache.c").read_text() == "static int x = 3;\nstatic int y = 2;\n"
+    assert (got / "fs/erofs/new.c").read_text() == "int z;\n"
+    assert (tree / "fs/erofs/fscache.c").read_text() == "static int x;\nstatic int y = 1;\n"
+    assert not (tree / "fs/erofs/new.c").exists()
+    # untouched files are the tree's own (hard links), touched ones private copies
+    assert (got / "fs/erofs/super.c").stat().st_ino == (tree / "fs/erofs/super.c").stat().st_ino
+    assert (got / "fs/erofs/fscache.c").stat().st_ino != (tree / "fs/erofs/fscache.c").stat().st_ino
+    farm.built([series])
+    # the same series again: nothing is rewritten (nothing to rebuild)
+    mtime = (got / "fs/erofs/fscache.c").stat().st_mtime_ns
+    messages = []
+    farm.prepare([series], {}, log=messages.append)
+    assert (got / "fs/erofs/fscache.c").stat().st_mtime_ns == mtime and "already holds" in messages[0]
+    # the next series on the same base starts from the base again
+    again = farm.prepare([], {}, log=lambda m: None)
+    assert (again / "fs/erofs/fscache.c").read_text() == "static int x;\nstatic int y = 1;\n"
+    assert not (again / "fs/erofs/new.c").exists()
+
+
+def test_a_series_that_does_not_apply_names_the_message(farm_env):
+    bad = farm_env.parent / "bad.patch"
+    bad.write_text(PATCH.replace("-static int y = 1;", "-static int y = 7;"))
+    with pytest.raises(variants.deps.ToolError, match=r"message 1: \[PATCH 1/2\] erofs: one\) does not apply"):
+        variants.Farm(farm_env).prepare([bad], {}, log=lambda m: None)
+
+
+# ----------------------------------------------------------------- bisect search
+def run_search(n: int, first_bad: int, skip=()) -> tuple[list[int], list[int]]:
+    s = bisect.Search([f"c{i}" for i in range(n)])
+    order = []
+    while (i := s.next()) is not None:
+        order.append(i)
+        verdict = "skip" if i in skip else ("bad" if i >= first_bad else "good")
+        s.steps[i] = bisect.Step(f"c{i}", verdict)
+    return s.culprits(), order
+
+
+def test_search_finds_the_first_bad_commit():
+    for first_bad in range(5):
+        culprits, order = run_search(5, first_bad)
+        assert culprits == [first_bad]
+        assert len(order) <= 3
+
+
+def test_search_steps_around_commits_that_do_not_build():
+    culprits, _ = run_search(8, 5, skip={3})
+    assert culprits == [5]
+    culprits, _ = run_search(8, 4, skip={3})  # 2 good, 3 does not build, 4 bad: either may be it
+    assert culprits == [3, 4]
+    culprits, _ = run_search(8, 4, skip={3, 4, 5, 6})
+    assert culprits == [3, 4, 5, 6, 7]
+
+
+# ----------------------------------------------------------------- recorder through pytest-xdist
+FAKE_TESTS = '''
+import errno
+from fixtures import record
+
+def test_mounts_pass():
+    record.mount_result("fsid=app1,domain_id=d12x7", 0)
+    record.mount_result("fsid=app2,domain_id=d12x7", errno.ENOBUFS)
+
+def test_rule_fails():
+    record.mount_result("fsid=x,domain_id=d12x9", 0)
+    raise AssertionError("RULE BROKEN: shared domain: one OPEN for d12x9\\nthe tables")
+'''
+
+
+def test_observables_reach_the_controller_through_xdist(tmp_path):
+    (tmp_path / "test_fake.py").write_text(FAKE_TESTS)
+    repo = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, "-m", "pytest", "-p", "fixtures.record", "-p", "no:cacheprovider",
+                        "-n", "1", f"--junitxml={tmp_path / 'out' / 'junit.xml'}",
+                        "--rootdir", str(tmp_path), str(tmp_path / "test_fake.py")],
+                       cwd=repo, capture_output=True, text=True, env={**os.environ,
+                                                                      "PYTHONPATH": str(repo)})
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    runs = compare.load_runs(tmp_path / "out" / "observables.jsonl")
+    assert len(runs) == 1
+    passed = runs[0]["test_fake.py::test_mounts_pass"]
+    assert passed.outcome == "passed"
+    assert passed.observables == {"mount 1": "fsid=app1,domain_id=d#1 -> OK",
+                                  "mount 2": "fsid=app2,domain_id=d#1 -> ENOBUFS"}
+    failed = runs[0]["test_fake.py::test_rule_fails"]
+    assert failed.outcome == "failed" and failed.rule == "RULE BROKEN: shared domain: one OPEN for d#1"
+    assert "erofs_observables" not in (tmp_path / "out" / "junit.xml").read_text()
+
+
+def test_pytest_command_keeps_the_selection_and_adds_the_default_path(tmp_path):
+    from vmtest import suite_run
+
+    cmd = suite_run.pytest_command(Path("/k/bzImage"), tmp_path, ["-k", "domains"])
+    assert cmd[-3:] == ["-k", "domains", "tests/fscache"]
+    assert f"--junitxml={tmp_path / 'junit.xml'}" in cmd
+    node = "tests/fscache/test_domains.py::test_separate_domains_share_nothing"
+    assert suite_run.pytest_command(Path("/k/bzImage"), tmp_path, [node])[-1] == node
+
+
+def test_names_with_a_suffix_and_old_records_are_normalised():
+    n = record.Normalizer()
+    assert n("domain_id=x74x36d,domain_id=x74x36d1") == "domain_id=x#1d,domain_id=x#1d1"
+    runs = compare.parse_runs([json.dumps({"nodeid": "t", "outcome": "passed", "rule": None,
+                                           "observables": {"mount 1": "domain_id=x72x36d -> OK",
+                                                           "daemon OPEN erofs,x72x36d/b": 1}})])
+    assert runs[0]["t"].observables == {"mount 1": "domain_id=x#1d -> OK", "daemon OPEN erofs,x#1d/b": 1}
+
+
+# ----------------------------------------------------------------- recorded in VMs (-k domains)
+def test_recorded_planted_break_fails_exactly_the_shared_blob_tests():
+    """Debian's 6.12.117 against it with erofs_domain_register_cookie() never finding an
+    existing cookie (first runs of tools/compare-kernels, recorded)."""
+    c = compare.Comparison.of("default", "never-share", compare.load_runs(DATA / "planted-a.jsonl"),
+                              compare.load_runs(DATA / "planted-b.jsonl"))
+    failing = c.group("newly failing")
+    assert {t.nodeid.split("::")[1] for t in failing} == {
+        "test_shared_domain_fetches_base_once[2]", "test_shared_domain_fetches_base_once[3]",
+        "test_shared_domain_fetches_base_once[8]", "test_separate_domains_share_nothing",
+        "test_mixed_topology[fsid-named-like-a-domain]", "test_mixed_topology[one-image-three-ways]",
+        "test_mixed_topology[two-domains-and-none]"}
+    assert not c.group("changed observables") and c.exit_status == 1
+    t = failing[0]
+    assert t.rule.startswith("RULE BROKEN: shared domain: every member mounts")
+    moved = {k: (a, b) for k, a, b in t.moved}
+    assert moved["mount 2"] == ("fsid=base+app2,domain_id=d#1 -> OK", "fsid=base+app2,domain_id=d#1 -> EINVAL")
+
+
+def test_recorded_identical_kernels_report_no_change():
+    """The same kernel on both sides; one test's domain names carry a suffix (x74x36d1),
+    which the recorder of that run did not normalise yet: the reader does."""
+    c = compare.Comparison.of("default", "default", compare.load_runs(DATA / "same-a.jsonl"),
+                              compare.load_runs(DATA / "same-b.jsonl"))
+    assert len(c.unchanged) == len(c.tests) == 12 and c.exit_status == 0
