@@ -38,6 +38,11 @@ def pytest_addoption(parser):
                 help="build (or reuse) a kernel from this tree before the workers start "
                      "(VM mode; env EROFS_TEST_KERNEL_SRC)")
     g.addoption("--kernel-profile", default="default", help="kernel config profile: default or debug")
+    g.addoption("--kernel-version", default=os.environ.get("EROFS_TEST_KERNEL_VERSION") or None,
+                choices=("6.1", "6.12", "7.2"),
+                help="build (or reuse) Debian's linux-source of this series with the fragments it needs: "
+                     "6.1 (bookworm-security), 6.12 (trixie, the default), 7.2 (sid, page-cache sharing); "
+                     "env EROFS_TEST_KERNEL_VERSION")
     g.addoption("--mkfs", help="mkfs.erofs to use (env MKFS_EROFS; default: build erofs-utils)")
     g.addoption("--host-mode", action="store_true",
                 help="run tests/fscache on this machine's own kernel (binds cachefiles and mounts here)")
@@ -146,7 +151,8 @@ def pytest_configure(config):
         try:
             resolve_mkfs(config)
             os.environ["EROFS_TEST_KERNEL"] = str(kernel.resolve_kernel(
-                config.getoption("kernel"), config.getoption("kernel_src"), config.getoption("kernel_profile")))
+                config.getoption("kernel"), config.getoption("kernel_src"), config.getoption("kernel_profile"),
+                config.getoption("kernel_version")))
         except deps.ToolError as e:
             raise pytest.UsageError(str(e)) from None
         return
@@ -156,7 +162,7 @@ def pytest_configure(config):
         try:
             resolve_mkfs(config)
             image = kernel.resolve_kernel(config.getoption("kernel"), config.getoption("kernel_src"),
-                                          config.getoption("kernel_profile"))
+                                          config.getoption("kernel_profile"), config.getoption("kernel_version"))
             deps.check(deps.VM_RUN, "boot the test kernel")  # here too: the probe may be cached
         except deps.ToolError as e:
             raise pytest.UsageError(str(e)) from None
