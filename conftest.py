@@ -185,7 +185,8 @@ def pytest_report_header(config):
     if guest:
         rows = guest["table"]
         how = f"probed in a VM earlier: {guest['cached']}" if guest.get("cached") else "probed in a VM"
-        title = f"test kernel {os.environ.get('EROFS_TEST_KERNEL')} ({how})"
+        series = config.getoption("kernel_version") or "the tree's own / the default"
+        title = f"test kernel {os.environ.get('EROFS_TEST_KERNEL')}, --kernel-version {series} ({how})"
     elif not is_worker(config):
         from fixtures import kernel as fk
 

@@ -50,6 +50,15 @@ def test_7_2_has_no_fscache_backend_and_that_is_a_declared_skip():
         Requirements(k, strict=True).ondemand()
 
 
+def test_page_cache_sharing_is_7_0_and_later_and_needs_its_options():
+    pc = {"CONFIG_EROFS_FS_PAGE_CACHE_SHARE": "y", "CONFIG_EROFS_FS_XATTR": "y"}
+    assert kernel("7.2.13", **pc).why_no_pagecache_share() is None
+    without = kernel("7.2.13", **{**pc, "CONFIG_EROFS_FS_PAGE_CACHE_SHARE": "n"})
+    assert "lacks CONFIG_EROFS_FS_PAGE_CACHE_SHARE" in without.why_no_pagecache_share()
+    k = kernel("6.12.117")
+    assert k.declared("pagecache_share") and "inode_share is an unknown parameter" in k.why_no_pagecache_share()
+
+
 def test_a_missing_option_in_range_fails_under_strict():
     k = kernel("6.12.117", CONFIG_EROFS_FS_BACKED_BY_FILE="n")
     assert not k.holds("file_backed_mount") and not k.declared("file_backed_mount")
