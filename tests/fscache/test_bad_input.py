@@ -466,8 +466,8 @@ def walk(root: Path, max_entries: int = 400, max_read: int = 64 << 10) -> tuple[
 
 @pytest.mark.parametrize("case", CORRUPT_IMAGE_CASES, ids=lambda c: c.id)
 def test_corrupted_image(case: CorruptCase, env, tiny_images, kmsg, tmp_path, require):
-    require.rule(case.rule)
     """The daemon serves a damaged image: documented errno and log line, no oops, other files fine."""
+    require.rule(case.rule)
     image = tiny_images.single("bad-single")
     meta = ErofsMeta(image.path.read_bytes())
     ctx = {"dir": "/small"}
