@@ -21,6 +21,8 @@ import pytest
 REPO = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO / "tools"))
 
+from vmtest.kernel import KERNELS  # noqa: E402
+
 from fixtures.kernel import strict_mode  # noqa: E402
 
 pytest_plugins = ["fixtures.plugin"]
@@ -39,7 +41,7 @@ def pytest_addoption(parser):
                      "(VM mode; env EROFS_TEST_KERNEL_SRC)")
     g.addoption("--kernel-profile", default="default", help="kernel config profile: default or debug")
     g.addoption("--kernel-version", default=os.environ.get("EROFS_TEST_KERNEL_VERSION") or None,
-                choices=("6.1", "6.12", "7.2"),
+                choices=sorted(KERNELS),
                 help="build (or reuse) Debian's linux-source of this series with the fragments it needs: "
                      "6.1 (bookworm-security), 6.12 (trixie, the default), 7.2 (sid, page-cache sharing); "
                      "env EROFS_TEST_KERNEL_VERSION")
