@@ -119,8 +119,10 @@ class FragmentLine:
         return (self.since is None or version >= self.since) and (self.until is None or version < self.until)
 
     def range_text(self) -> str:
-        bounds = ([f">={'.'.join(map(str, self.since))}"] if self.since else []) + (
-            [f"<{'.'.join(map(str, self.until))}"] if self.until else [])
+        def v(t):
+            return ".".join(map(str, t[:2] if t[2] == 0 else t))
+
+        bounds = ([f">={v(self.since)}"] if self.since else []) + ([f"<{v(self.until)}"] if self.until else [])
         return "kernel" + ",".join(bounds)
 
 
