@@ -67,7 +67,8 @@ class DeathCase:
         who = "blocked readers get" if self.inflight == "read" else "the blocked mount gets"
         out = f"{who} {errnames(self.expected)} within {DEATH_BOUND:.0f} s"
         if self.inflight == "read":
-            out += "; uncached reads then ENOBUFS (rule death_read_enobufs; EIO before it)"
+            out += "; uncached reads then ENOBUFS (rule death_read_enobufs; before it EIO for folios of the failed " \
+                   "readahead)"
         if self.restart:
             out += ("; a new daemon without `restore`: the old mount still gets that errno, "
                     "a remount works (ids restart at 0/1)")
@@ -160,10 +161,10 @@ def test_daemon_death(case: DeathCase, daemons, plain_mounts, tiny_images, kmsg,
 
     # The cache is dead: the surviving mount cannot fetch anything new (its cookie is gone).
     wait_withdrawn(d.tag)
-    dead = features.pick("death_read_enobufs", errno.ENOBUFS, errno.EIO)
+    dead = features.pick("death_read_enobufs", (errno.ENOBUFS,), (errno.EIO, errno.ENOBUFS))
     err = _read_errno(m.path / "small" / "s008-4096.dat")  # one plain data block nobody read
-    assert err == dead, (f"uncached read after the daemon died: expected {errname(dead)} (rule death_read_enobufs "
-                         f"{'holds' if dead == errno.ENOBUFS else 'does not hold'} on {features.release}), "
+    assert err in dead, (f"uncached read after the daemon died: expected {errnames(dead)} (rule death_read_enobufs "
+                         f"{'holds' if len(dead) == 1 else 'does not hold'} on {features.release}), "
                          f"got {errname(err)}")
     if not case.restart:
         return
@@ -172,8 +173,8 @@ def test_daemon_death(case: DeathCase, daemons, plain_mounts, tiny_images, kmsg,
     d2 = daemons.start(*FILL, tag=d.tag)
     serve(d2.control, image, fsid=fsid)
     err = _read_errno(m.path / BIG.lstrip("/"), 256 << 10)
-    assert err == dead, (
-        f"the old mount after a new daemon bound (no restore): expected {errname(dead)} (rule death_read_enobufs), "
+    assert err in dead, (
+        f"the old mount after a new daemon bound (no restore): expected {errnames(dead)} (rule death_read_enobufs), "
         f"got {errname(err)}; "
         f"erofs only uses its cookie at mount time\n{d2.render()}")
     assert not d2.requests(), f"the new daemon got requests for the old mount:\n{d2.render()}"

@@ -36,6 +36,7 @@ def test_backports_are_keyed_by_stable_release(release, restore, object_check):
 def test_6_1_and_6_12_differ_where_the_issue_measured():
     old, new = kernel("6.1.192"), kernel("6.12.117")
     for rule in ("file_backed_mount", "netfs_procfs", "death_read_enobufs", "sysfs_name_truncated",
+                 "unaligned_write_refused", "restart_member_reads_fail",
                  "sysfs_path_ioctl", "ondemand_deprecated", "compressed_fscache"):
         assert not old.holds(rule) and new.holds(rule), rule
     assert old.holds("bug_shared_primary_inode") and not new.holds("bug_shared_primary_inode")
