@@ -20,6 +20,8 @@ import pytest
 REPO = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO / "tools"))
 
+from vmtest.kernel import KERNELS  # noqa: E402
+
 from fixtures.kernel import strict_mode  # noqa: E402
 from fixtures.process_utils import cmd  # noqa: E402
 
@@ -38,6 +40,11 @@ def pytest_addoption(parser):
                 help="build (or reuse) a kernel from this tree before the workers start "
                      "(VM mode; env EROFS_TEST_KERNEL_SRC)")
     g.addoption("--kernel-profile", default="default", help="kernel config profile: default or debug")
+    g.addoption("--kernel-version", default=os.environ.get("EROFS_TEST_KERNEL_VERSION") or None,
+                choices=sorted(KERNELS),
+                help="build (or reuse) Debian's linux-source of this series with the fragments it needs: "
+                     "6.1 (bookworm-security), 6.12 (trixie, the default), 7.2 (sid, page-cache sharing); "
+                     "env EROFS_TEST_KERNEL_VERSION")
     g.addoption("--mkfs", help="the mkfs.erofs under test, used as it is, with dump.erofs and fsck.erofs "
                 "beside it (env MKFS_EROFS; default: Debian's erofs-utils, built)")
     g.addoption("--erofs-utils-src", type=Path,
@@ -200,7 +207,8 @@ def pytest_configure(config):
         try:
             resolve_mkfs(config)
             os.environ["EROFS_TEST_KERNEL"] = str(kernel.resolve_kernel(
-                config.getoption("kernel"), config.getoption("kernel_src"), config.getoption("kernel_profile")))
+                config.getoption("kernel"), config.getoption("kernel_src"), config.getoption("kernel_profile"),
+                config.getoption("kernel_version")))
         except deps.ToolError as e:
             raise pytest.UsageError(str(e)) from None
         return
@@ -210,7 +218,7 @@ def pytest_configure(config):
         try:
             resolve_mkfs(config)
             image = kernel.resolve_kernel(config.getoption("kernel"), config.getoption("kernel_src"),
-                                          config.getoption("kernel_profile"))
+                                          config.getoption("kernel_profile"), config.getoption("kernel_version"))
             deps.check(deps.VM_RUN, "boot the test kernel")  # here too: the probe may be cached
         except deps.ToolError as e:
             raise pytest.UsageError(str(e)) from None
@@ -233,7 +241,8 @@ def pytest_report_header(config):
     if guest:
         rows = guest["table"]
         how = f"probed in a VM earlier: {guest['cached']}" if guest.get("cached") else "probed in a VM"
-        title = f"test kernel {os.environ.get('EROFS_TEST_KERNEL')} ({how})"
+        series = config.getoption("kernel_version") or "the tree's own / the default"
+        title = f"test kernel {os.environ.get('EROFS_TEST_KERNEL')}, --kernel-version {series} ({how})"
     elif vm_mode(config) and not is_worker(config):
         return [f"test kernel {os.environ.get('EROFS_TEST_KERNEL')} (features not probed: EROFS_TEST_PROBE=0)",
                 f"strict mode: {'on' if strict_mode(config) else 'off'}"]

@@ -42,6 +42,13 @@ from fixtures.observe.snapshot import FscacheSnapshot, SnapshotDiff
 from fixtures.ondemand.process import render_requests
 from fixtures.oracle import MountResult, Oracle, volume_key_for
 
+
+def kernel_oracle() -> Oracle:
+    """The model with this kernel's limits (the rule table's sysfs name length)."""
+    from fixtures.kernel import detect
+
+    return Oracle(sysfs_name_max=detect().sysfs_name_max)
+
 PAGE = 4096
 
 
@@ -285,7 +292,7 @@ class Rig:
     kmsg: object
     artifacts: Path
     names: object  # unique(prefix) -> str
-    oracle: Oracle = field(default_factory=Oracle)
+    oracle: Oracle = field(default_factory=lambda: kernel_oracle())
     before: FscacheSnapshot | None = None
     outcomes: list[Outcome] = field(default_factory=list)
     _mid: int = 0

@@ -46,12 +46,19 @@ REPO = Path(__file__).resolve().parents[2]
 
 @dataclass(frozen=True)
 class Row:
-    """One README row: what was fed to the kernel, what must happen, on which kernels."""
+    """One README row: what was fed to the kernel, what must happen, and the rule of
+    fixtures/kernel.py that says on which kernels (its "Kernels" cell is that rule's range)."""
 
     area: str
     case: str
     expected: str
-    kernels: str = "6.12"
+    rule: str = "fscache_backend"
+
+    @property
+    def kernels(self) -> str:
+        from fixtures.kernel import row_kernels
+
+        return row_kernels(self.rule)
 
 
 def errname(err: int | None) -> str:

@@ -71,7 +71,7 @@ class OptionCase:
     errno: int | tuple[int, ...] = 0  # 0: the mount works
     log: str | None = None  # regex the kernel log must show
     check: str = ""  # for working mounts: sysfs-bang | sysfs-null | cachefile
-    kernels: str = "6.12"
+    rule: str = "fscache_backend"  # fixtures/kernel.py RULES: where this case applies
 
     def expected(self) -> str:
         if self.errno:
@@ -119,7 +119,7 @@ MOUNT_OPTION_CASES = [
                _fixed(None), domain=lambda: unique("d"), errno=errno.ENOENT),
     OptionCase("domain-no-fsid-file", "`domain_id=D` without `fsid`, source an image file (file-backed mount)",
                _fixed(None), domain=lambda: unique("d"), source="file", check="sysfs-null",
-               kernels="6.12 (newer kernels name it only with an fsid)"),
+               rule="file_backed_mount"),
     OptionCase("devices-too-many", "two `device=` for an image with one extra device", _same(12),
                image="blobdev", devices="extra", errno=errno.EINVAL,
                log=r"extra devices don't match \(ondisk 1, given 2\)"),
@@ -169,8 +169,9 @@ def spot_check(image, root: Path, n: int = 4) -> list[str]:
 
 
 @pytest.mark.parametrize("case", MOUNT_OPTION_CASES, ids=lambda c: c.id)
-def test_mount_options(case: OptionCase, env, tiny_images, bs1024_image, kmsg):
+def test_mount_options(case: OptionCase, env, tiny_images, bs1024_image, kmsg, require, features):
     """Each bad option fails with its errno and log line; each edge that works mounts and reads."""
+    require.rule(case.rule)
     if case.image == "bs1024":
         image = None
         fsid = case.fsid()
@@ -223,17 +224,19 @@ def test_mount_options(case: OptionCase, env, tiny_images, bs1024_image, kmsg):
             assert info["options"].get("domain_id") == domain, f"mountinfo options: {info['raw']}"
         if case.check == "sysfs-bang":
             # kobject names cannot hold '/': sysfs turns it into '!' (kobject_set_name_vargs())
-            expected = Path("/sys/fs/erofs") / sysfs_name(fsid, domain)
+            expected = Path("/sys/fs/erofs") / sysfs_name(fsid, domain, features.sysfs_name_max)
             assert "!" in expected.name and expected.is_dir(), (
                 f"no sysfs dir {expected}; /sys/fs/erofs has {sorted(os.listdir('/sys/fs/erofs'))}")
             # ... while FS_IOC_GETFSSYSFSPATH (6.10+) returns the s_sysfs_name as is, with the '/':
             # a path that does not exist under /sys/fs (observed on 6.12.117).
             reported = sysfs_ioctl(m.path)
-            if reported is not None:
-                assert reported == f"erofs/{domain},{fsid}"[:6 + 36], (
-                    f"FS_IOC_GETFSSYSFSPATH returned {reported!r}; sysfs has {expected}")
+            if features.holds("sysfs_path_ioctl"):
+                want = "erofs/" + sysfs_name(fsid, domain, features.sysfs_name_max, bang=False)
+                assert reported == want, (
+                    f"rule sysfs_path_ioctl: FS_IOC_GETFSSYSFSPATH returned {reported!r}, expected {want!r}; "
+                    f"sysfs has {expected}")
         if case.check == "sysfs-null":
-            expected = Path("/sys/fs/erofs") / f"{domain},(null)"[:36]
+            expected = Path("/sys/fs/erofs") / sysfs_name("(null)", domain, features.sysfs_name_max)
             assert expected.is_dir(), (
                 f"file-backed mount with domain_id and no fsid: expected sysfs dir {expected}; "
                 f"/sys/fs/erofs has {sorted(os.listdir('/sys/fs/erofs'))}")
@@ -284,7 +287,7 @@ class CorruptCase:
     ops: tuple[Op, ...] = ()
     log: str | None = None
     seal: bool = True  # recompute the superblock checksum after the mutation
-    kernels: str = "6.12"
+    rule: str = "fscache_backend"  # fixtures/kernel.py RULES: where this case applies
 
     def expected(self) -> str:
         if self.mount_errno:
@@ -462,8 +465,9 @@ def walk(root: Path, max_entries: int = 400, max_read: int = 64 << 10) -> tuple[
 
 
 @pytest.mark.parametrize("case", CORRUPT_IMAGE_CASES, ids=lambda c: c.id)
-def test_corrupted_image(case: CorruptCase, env, tiny_images, kmsg, tmp_path):
+def test_corrupted_image(case: CorruptCase, env, tiny_images, kmsg, tmp_path, require):
     """The daemon serves a damaged image: documented errno and log line, no oops, other files fine."""
+    require.rule(case.rule)
     image = tiny_images.single("bad-single")
     meta = ErofsMeta(image.path.read_bytes())
     ctx = {"dir": "/small"}
@@ -535,7 +539,8 @@ def _check_log(case: CorruptCase, kmsg, mark: int) -> None:
 
 # --------------------------------------------------------------------------- README rows
 
-OUTCOMES = [Row("mount options", c.what, c.expected(), c.kernels) for c in MOUNT_OPTION_CASES] + [
+OUTCOMES = [Row("mount options", c.what, c.expected(), c.rule) for c in MOUNT_OPTION_CASES] + [
     Row("mount options", "fsid of 253..255 bytes in a domain",
-        "`kernel BUG at fs/cachefiles/key.c:47`, mount hangs (tests/host/test_kernel_bug.py, xfail)", "6.12"),
-] + [Row("images", c.what, c.expected(), c.kernels) for c in CORRUPT_IMAGE_CASES]
+        "`kernel BUG at fs/cachefiles/key.c:47`, mount hangs (tests/host/test_kernel_bug.py, xfail)",
+        "bug_cachefiles_key47"),
+] + [Row("images", c.what, c.expected(), c.rule) for c in CORRUPT_IMAGE_CASES]

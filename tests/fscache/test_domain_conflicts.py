@@ -106,10 +106,12 @@ def test_same_fsid_in_two_domains(rig, tiny_images):
         rig.expect_content("conflict: both read correctly", img, m, SAMPLE)
 
 
-def test_device_naming_a_member_fsid_shares_its_primary_cookie(rig, tiny_images):
+def test_device_naming_a_member_fsid_shares_its_primary_cookie(rig, tiny_images, require):
     """Member 1 mounts the base layer image as fsid=L; member 2 (base+app1) says
     `device=L,device=<app1>`: its first device is member 1's primary cookie, shared (no
-    OPEN, no Acquire), and stays when member 1 leaves."""
+    OPEN, no Acquire), and stays when member 1 leaves. On 6.1.y that cookie's inode belongs to
+    member 1's superblock and the guest dies (rule bug_shared_primary_inode): tests/host probes it."""
+    require.not_bug("bug_shared_primary_inode")
     layer = tiny_images.layer("base")
     img = tiny_images.layered("base", "app1")
     dom = rig.name("d")

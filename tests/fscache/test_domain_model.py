@@ -3,10 +3,17 @@ compared after every step with the pure model of the domain rules (fixtures/orac
 mount errnos (EEXIST, EBUSY), live volumes and cookies in /proc/fs/fscache, OPEN and CLOSE
 requests per blob, and the files read.
 
-Three short names (fresh per example) serve both as fsids and as domain ids, so sequences
-run into every collision of the conflict matrix: the same fsid twice in a domain or without
-one, an fsid equal to a live domain, the same fsid in two domains.  Each name is mounted as
-a layered image over the common base layer, so members of a domain share blob cookies.
+Names are drawn the way bugs hide (`name_pool`): one pool serves as fsids, domain ids and the
+base layer's blob name (`device=`), so a name is often equal across kinds; names are prefixes of
+one another (`p`, `p0`, a 36-byte name and its 37-byte extension, a 248-byte name and its
+249-byte extension), and sit at the limits: the 36-byte /sys/fs/erofs name (truncation
+collisions where rule sysfs_name_truncated holds), a 248-byte fsid/domain (the longest volume
+directory) and 249 (one byte over). Never 253..255-byte fsids in a domain (key.c:47 BUG, probed
+by tests/host). Sequences run into every collision of the conflict matrix: the same fsid twice
+in a domain or without one, an fsid equal to a live domain or to a live blob name, the same fsid
+in two domains, a blob named like another member's fsid (shares its primary cookie; not drawn
+where rule bug_shared_primary_inode holds, 6.1.y's use-after-free).  The layered images share
+the base layer, so members of a domain share blob cookies.
 
 Hypothesis: deadline=None (a VM under TCG), derandomized when $CI is set, examples kept in
 $EROFS_TEST_RESULTS/hypothesis otherwise; no shrinking (each example mounts for real and the
@@ -19,19 +26,37 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
-from fixtures.oracle import Oracle
+from tests.fscache.checks import kernel_oracle
 
 MAX_EXAMPLES = 20
 STEPS = 5
+LAYER = 3  # index of the name that is the base layer's: mountable as fsid, and its blob name
 
 
-def test_domain_rules_match_the_model(rig, tiny_images, hypothesis_db):
-    images = [tiny_images.layered("base", "app1"), tiny_images.layered("base", "app2"),
-              tiny_images.layered("base", "app3")]
-    p = rig.name("h")
-    names = [f"{p}{c}" for c in "abc"]
+def name_pool(p: str) -> list[str]:
+    """Six names from a fresh prefix `p`: prefixes of one another and at the length limits."""
+    n36 = (p + "0").ljust(36, "z")
+    return [p, p + "0", n36, n36 + "z", p.ljust(248, "m"), p.ljust(249, "m")]
+
+
+def samples(img) -> list[str]:
+    """Files to read through a mount of `img` (a layered image, or the base layer alone)."""
+    if len(img.layers) > 1:
+        return ["/etc/os-release", f"/shared/from-{img.layers[1]}.bin", "/base/small/s008-4096.dat"]
+    return ["/base/small/s008-4096.dat"]
+
+
+def test_domain_rules_match_the_model(rig, tiny_images, hypothesis_db, features):
+    layered = [tiny_images.layered("base", f"app{i}") for i in (1, 2, 3)]
+    layer = tiny_images.layer("base")
+    names = name_pool(rig.name("h"))
+    # name i mounts as fsid this image (the daemon serves one file per name, whatever its role)
+    images = [layered[0], layered[1], layered[2], layer, layered[0], layered[1]]
     for name, img in zip(names, images):
         rig.serve(rig.member(img, fsid=name))
+    base_path = layered[0].device_paths[0]
+    assert base_path == layer.path, "the layered images' base blob must be the base layer image"
+    shared_primary_bug = features.holds("bug_shared_primary_inode")
 
     class DomainMachine(RuleBasedStateMachine):
         """One example: a fresh Oracle; the names are the test's (each example ends with
@@ -41,18 +66,29 @@ def test_domain_rules_match_the_model(rig, tiny_images, hypothesis_db):
         def __init__(self):
             super().__init__()
             self.names = names
-            rig.oracle = Oracle()
+            rig.oracle = kernel_oracle()
             rig.outcomes = []
             self.since = rig.daemon.position()
             self.live = {}  # oracle mount id -> Outcome
 
-        @rule(fsid=st.integers(0, 2), domain=st.one_of(st.none(), st.integers(0, 2)))
-        def mount(self, fsid, domain):
-            m = rig.member(images[fsid], None if domain is None else self.names[domain], fsid=self.names[fsid])
+        @rule(fsid=st.integers(0, len(names) - 1), domain=st.one_of(st.none(), st.integers(0, len(names) - 1)),
+              base_named=st.booleans())
+        def mount(self, fsid, domain, base_named):
+            img = images[fsid]
+            dom = None if domain is None else self.names[domain]
+            devices = ()
+            if base_named and fsid != LAYER:  # device=<the layer's name> for the base blob
+                devices = (self.names[LAYER], img.device_cookies[1])
+                if shared_primary_bug and dom is not None and self.layer_primary_in(dom):
+                    devices = ()  # 6.1.y: sharing a live primary cookie frees its inode early
+            m = rig.member(img, dom, fsid=self.names[fsid], devices=devices)
             out = rig.mount(m, check=False)
             if out.mount is not None:
                 self.live[out.mid] = out  # before the check: teardown unmounts it even if it fails
             rig.check_errno(out, "model: the mount's errno is the oracle's")
+
+        def layer_primary_in(self, dom: str) -> bool:
+            return any(o.member.fsid == self.names[LAYER] and o.member.domain == dom for o in self.live.values())
 
         @precondition(lambda self: self.live)
         @rule(data=st.data())
@@ -66,8 +102,7 @@ def test_domain_rules_match_the_model(rig, tiny_images, hypothesis_db):
             mid = data.draw(st.sampled_from(sorted(self.live)), label="read")
             out = self.live[mid]
             img = out.member.image
-            rig.expect_content("model: a live mount reads its files", img, out.mount,
-                               ["/etc/os-release", f"/shared/from-{img.layers[1]}.bin", "/base/small/s008-4096.dat"])
+            rig.expect_content("model: a live mount reads its files", img, out.mount, samples(img))
 
         @invariant()
         def fscache_matches_the_model(self):

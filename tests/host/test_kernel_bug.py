@@ -1,6 +1,9 @@
 """Known kernel bugs that wedge the guest: each runs in a VM of its own, from the controller.
 
-    pytest tests/host --kernel /path/to/bzImage      # or EROFS_TEST_KERNEL=...
+    pytest tests/host --kernel /path/to/bzImage      # or EROFS_TEST_KERNEL=..., or --kernel-version 6.1
+
+Each probe runs on the kernels its rule (fixtures/kernel.py, bug_*) names, and is a declared skip
+elsewhere; the shared-VM tests that would hit the bug skip on those kernels (require.not_bug()).
 
 A cookie key of 253..255 bytes passes fscache (<= 255) but hits
 `BUG_ON(keylen > NAME_MAX - 3)` in cachefiles_cook_key() (fs/cachefiles/key.c:47): in a shared
@@ -23,6 +26,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 BUG_LINE = re.compile(r"kernel BUG at fs/cachefiles/key\.c:47")
+BUSY_LINE = re.compile(r"VFS: Busy inodes after unmount of erofs")
+OOPS_LINE = re.compile(r"general protection fault|BUG: unable to handle|Oops:|KASAN")
+PRIMARY_COOKIE_SCRIPT = REPO / "docs" / "known-bugs" / "erofs-6.1-shared-primary-cookie.sh"
 VM_TIMEOUT = 300
 
 
@@ -40,9 +46,32 @@ def test_kernel(pytestconfig) -> Path:
     return Path(k)
 
 
+def requires_bug(kernel: Path, rule: str) -> None:
+    """Declared skip unless the kernel's release is in the range of known-bug rule `rule`."""
+    from vmtest.kernel import bzimage_release
+
+    from fixtures.kernel import RULES, parse_release
+
+    release = bzimage_release(kernel)
+    if release is None:
+        return  # unknown release: probe it
+    if not RULES[rule].in_range(parse_release(release)):
+        pytest.skip(f"rule {rule} ({RULES[rule].kernels()}) does not apply to kernel {release}")
+
+
+def console_path(name: str) -> Path:
+    results = Path(os.environ.get("EROFS_TEST_RESULTS") or REPO / "results") / "console"
+    results.mkdir(parents=True, exist_ok=True)
+    return results / f"{name}-{time.strftime('%H%M%S')}.log"
+
+
 def run_guest(kernel: Path, console: Path, *args: str) -> tuple[int | None, str]:
+    return run_in_guest(kernel, console, sys.executable, "tests/host/kernel_bug_guest.py", *args)
+
+
+def run_in_guest(kernel: Path, console: Path, *command: str) -> tuple[int | None, str]:
     cmd = [sys.executable, str(REPO / "tools" / "vm-run"), "--kernel", str(kernel), "--console-log", str(console),
-           "--", sys.executable, "tests/host/kernel_bug_guest.py", *args]
+           "--", *command]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
@@ -57,9 +86,8 @@ def run_guest(kernel: Path, console: Path, *args: str) -> tuple[int | None, str]
 @pytest.mark.crashes_kernel
 @pytest.mark.parametrize("length", [253])
 def test_domain_fsid_253_bytes_hits_cachefiles_bug(test_kernel, length, tmp_path):
-    results = Path(os.environ.get("EROFS_TEST_RESULTS") or REPO / "results") / "console"
-    results.mkdir(parents=True, exist_ok=True)
-    console = results / f"kernel-bug-{length}-{time.strftime('%H%M%S')}.log"
+    requires_bug(test_kernel, "bug_cachefiles_key47")
+    console = console_path(f"kernel-bug-{length}")
     rc, out = run_guest(test_kernel, console, str(length))
     log = console.read_text(errors="replace") if console.exists() else ""
     lines = [x for x in (log + "\n" + out).splitlines() if "RESULT" in x or BUG_LINE.search(x)]
@@ -71,3 +99,27 @@ def test_domain_fsid_253_bytes_hits_cachefiles_bug(test_kernel, length, tmp_path
     m = re.search(r"RESULT mount exit (\d+)", out)
     assert m, f"the guest script did not report the mount (vm-run exit {rc}); console {console}\n{summary}"
     assert "hung" not in out, f"the mount hung without the known BUG line; console {console}\n{summary}"
+
+
+@pytest.mark.crashes_kernel
+def test_device_naming_a_member_fsid_frees_inode_of_live_cookie(test_kernel):
+    """6.1.y: member B of domain D says `device=L` where L is member A's fsid; when A unmounts,
+    the shared cookie's anonymous inode still belongs to A's superblock ("VFS: Busy inodes after
+    unmount of erofs"), and B's unmount iput()s it: general protection fault, the guest dies.
+    Runs docs/known-bugs/erofs-6.1-shared-primary-cookie.sh in a VM of its own."""
+    requires_bug(test_kernel, "bug_shared_primary_inode")
+    console = console_path("kernel-bug-primary-cookie")
+    rc, out = run_in_guest(test_kernel, console, "bash", str(PRIMARY_COOKIE_SCRIPT))
+    log = (console.read_text(errors="replace") if console.exists() else "") + "\n" + out
+    lines = [x for x in log.splitlines() if "RESULT" in x or BUSY_LINE.search(x) or OOPS_LINE.search(x)]
+    summary = "\n".join(lines[-20:]) or "(no RESULT lines)"
+    assert "RESULT both members mounted" in log, (
+        f"the reproducer did not get as far as the two mounts (vm-run exit {rc}); console {console}\n{summary}")
+    if BUSY_LINE.search(log) or OOPS_LINE.search(log):
+        pytest.xfail(f"known kernel bug (rule bug_shared_primary_inode): the shared primary cookie's inode "
+                     f"outlives its superblock; console {console}\n{summary}")
+    assert "RESULT both unmounted" in log, (
+        f"no busy inodes and no oops, but the reproducer did not finish (vm-run exit {rc}); console {console}\n"
+        f"{summary}")
+    pytest.fail(f"rule bug_shared_primary_inode says this kernel has the bug, but the reproducer ran clean: "
+                f"narrow the rule's range in fixtures/kernel.py\n{summary}", pytrace=False)

@@ -20,21 +20,64 @@ def fragment_lines(name="ondemand.config"):
             if line.startswith("CONFIG_")]
 
 
-@pytest.mark.parametrize("name", ["ondemand.config", "debug.config"])
+@pytest.mark.parametrize("name", ["ondemand.config", "pagecache.config", "debug.config"])
 def test_every_fragment_option_says_why(name):
     undocumented = [line for line in fragment_lines(name) if not re.search(r"=\S+\s+#\s*\S", line)]
     assert not undocumented, f"options without a one-line reason in {name}: {undocumented}"
 
 
 def test_fragment_holds_what_the_suite_needs():
-    opts = kernel.load_fragments("default", [])
-    needed = set(kernel.REQUIRED_OPTIONS) | {
+    opts = kernel.load_fragments("default", [], kernel.KERNELS["6.12"], (6, 12, 117))
+    needed = set(kernel.REQUIRED_OPTIONS["fscache"]) | {
         "CONFIG_ACPI", "CONFIG_EROFS_FS_ZIP", "CONFIG_EROFS_FS_BACKED_BY_FILE", "CONFIG_NET_9P_VIRTIO",
         "CONFIG_9P_FS", "CONFIG_VIRTIO_PCI", "CONFIG_NAMESPACES", "CONFIG_NET_NS", "CONFIG_VETH",
         "CONFIG_NET_SCHED", "CONFIG_NET_SCH_NETEM", "CONFIG_DETECT_HUNG_TASK", "CONFIG_DEBUG_LIST",
         "CONFIG_UNIX",
     }
     assert {o for o in needed if opts.get(o) != "y"} == set()
+
+
+@pytest.mark.parametrize("series", sorted(kernel.KERNELS))
+def test_each_series_fragments_hold_its_backends_options(series):
+    k = kernel.KERNELS[series]
+    opts = kernel.load_fragments("default", [], k, kernel.version_tuple(series))
+    assert {o for o in kernel.REQUIRED_OPTIONS[k.backend] if opts.get(o) != "y"} == set()
+
+
+def test_version_range_lines_are_left_out_outside_their_range():
+    text = ("CONFIG_A=y  # always\nCONFIG_B=y  # kernel>=6.12: file-backed mounts\n"
+            "CONFIG_C=y  # kernel>=7.0,<7.2: only there\n")
+    assert kernel.parse_fragment(text, (6, 1, 192)) == {"CONFIG_A": "y"}
+    assert kernel.parse_fragment(text, (6, 12, 117)) == {"CONFIG_A": "y", "CONFIG_B": "y"}
+    assert kernel.parse_fragment(text, (7, 1, 3)) == {"CONFIG_A": "y", "CONFIG_B": "y", "CONFIG_C": "y"}
+    assert kernel.parse_fragment(text, (7, 2, 13)) == {"CONFIG_A": "y", "CONFIG_B": "y"}
+    assert kernel.parse_fragment(text) == {"CONFIG_A": "y", "CONFIG_B": "y", "CONFIG_C": "y"}
+
+
+def test_6_1_build_leaves_out_file_backed_mounts_and_says_so():
+    said = []
+    opts = kernel.load_fragments("default", [], kernel.KERNELS["6.1"], (6, 1, 192), log=said.append)
+    assert "CONFIG_EROFS_FS_BACKED_BY_FILE" not in opts and opts["CONFIG_EROFS_FS_ONDEMAND"] == "y"
+    assert any("CONFIG_EROFS_FS_BACKED_BY_FILE left out" in x and "6.1.192" in x for x in said), said
+
+
+def test_6_12_options_are_unchanged_by_the_ranges():
+    """The range markers must not change 6.12's build key (its cache stays valid)."""
+    opts = kernel.load_fragments("default", [], kernel.KERNELS["6.12"], (6, 12, 117))
+    plain = kernel.parse_fragment((kernel.KCONFIG_DIR / "ondemand.config").read_text())
+    assert kernel.render_fragment(opts) == kernel.render_fragment(plain)
+
+
+def test_tree_version_and_series(tmp_path):
+    (tmp_path / "Makefile").write_text("# SPDX\nVERSION = 6\nPATCHLEVEL = 1\nSUBLEVEL = 192\nEXTRAVERSION =\n")
+    assert kernel.tree_version(tmp_path) == (6, 1, 192)
+    assert kernel.series_of_tree((6, 6, 30)).series == "6.1"
+    assert kernel.series_of_tree((6, 12, 117)).series == "6.12"
+    assert kernel.series_of_tree((7, 2, 13)).series == "7.2"
+    assert kernel.choose_series(None, tmp_path).series == "6.1"
+    assert kernel.choose_series("7.2", tmp_path).series == "7.2"
+    with pytest.raises(deps.ToolError, match="choose from"):
+        kernel.kernel_series("5.15")
 
 
 def test_render_strips_comments_and_keeps_not_set():
@@ -110,3 +153,5 @@ def test_ikconfig_from_a_built_image():
         pytest.skip("no kernel built yet (tools/build-kernel)")
     cfg = kernel.ikconfig_from_bzimage(images[-1])
     assert cfg is not None and cfg.get("CONFIG_IKCONFIG") == "y"
+    release = kernel.bzimage_release(images[-1])
+    assert release and re.match(r"\d+\.\d+", release), release

@@ -177,6 +177,26 @@ def test_private_apt_configuration(tmp_path):
     assert not any(v.startswith("/etc/apt") or v.startswith("/var/lib/apt") for v in pairs.values())
 
 
+def test_security_suites_come_from_the_security_archive(tmp_path):
+    apt = PrivateApt(tmp_path, MIRROR)
+    assert apt.sources_text(["bookworm-security", "bookworm"]).splitlines()[::2] == [
+        f"deb [signed-by={debian.DEBIAN_KEYRING}] http://mirror.example.org/debian-security bookworm-security main",
+        f"deb [signed-by={debian.DEBIAN_KEYRING}] {MIRROR} bookworm main",
+    ]
+    # this machine's own security source wins over the sibling guess
+    assert debian.security_mirror_from_entries(parse_deb822_sources(DEB822), MIRROR) == SECURITY
+    assert debian.security_mirror_from_entries(parse_one_line_sources(ONE_LINE), MIRROR) == SECURITY
+    assert debian.security_mirror_from_entries([], "http://ftp.example.org/mirror") == \
+        "http://ftp.example.org/mirror-security"
+
+
+def test_drop_suites_forgets_an_unreachable_archive(tmp_path):
+    apt = PrivateApt(tmp_path, MIRROR)
+    apt._state.write_text('["bookworm-security", "bookworm", "sid"]')
+    apt.drop_suites(["bookworm-security"])
+    assert apt.configured_suites() == ["bookworm", "sid"]
+
+
 SHOWSRC = """\
 Package: erofs-utils
 Binary: erofs-utils, erofsfuse

@@ -196,6 +196,20 @@ def read_apt_sources(etc_apt: str | os.PathLike = "/etc/apt") -> list[SourceEntr
     return entries
 
 
+def security_mirror_from_entries(entries: Iterable[SourceEntry], mirror: str) -> str:
+    """The URI serving `<codename>-security`: this machine's own security source if it has
+    one, else the main mirror's sibling `.../debian-security` (the layout of deb.debian.org
+    and of the official mirrors that carry security updates)."""
+    for entry in entries:
+        if not entry.enabled or "main" not in entry.components:
+            continue
+        for uri in entry.uris:
+            if any(s.rstrip("/").endswith("-security") and s.split("-")[0] in DEBIAN_SUITES for s in entry.suites):
+                return uri.rstrip("/")
+    base = mirror.rstrip("/")
+    return base[: -len("/debian")] + "/debian-security" if base.endswith("/debian") else base + "-security"
+
+
 def find_debian_mirror(etc_apt: str | os.PathLike = "/etc/apt") -> str:
     uri = debian_mirror_from_entries(read_apt_sources(etc_apt))
     if uri is None:
@@ -305,6 +319,7 @@ class PrivateApt:
     ):
         self.root = Path(root)
         self.mirror = (mirror or find_debian_mirror()).rstrip("/")
+        self.security_mirror = security_mirror_from_entries(read_apt_sources() if mirror is None else [], self.mirror)
         self.keyring = keyring
         self.max_age = max_age
         self.log = log
@@ -332,8 +347,10 @@ class PrivateApt:
     def sources_text(self, suites: Iterable[str]) -> str:
         lines = []
         for suite in suites:
+            # `bookworm-security` lives in its own archive (debian-security), not the mirror's.
+            uri = self.security_mirror if suite.endswith("-security") else self.mirror
             for kind in ("deb", "deb-src"):
-                lines.append(f"{kind} [signed-by={self.keyring}] {self.mirror} {suite} main")
+                lines.append(f"{kind} [signed-by={self.keyring}] {uri} {suite} main")
         return "\n".join(lines) + "\n"
 
     def configured_suites(self) -> list[str]:
@@ -402,6 +419,12 @@ class PrivateApt:
             self.log(f"apt-get update for suites {' '.join(wanted)} (private lists in {self.lists})")
             self._run("apt-get", "-q", "update")
             self._stamp.touch()
+
+    def drop_suites(self, suites: Iterable[str]) -> None:
+        """Forget `suites` (an archive that cannot be reached), so that update() leaves them out."""
+        with self.locked():
+            keep = [s for s in self.configured_suites() if s not in set(suites)]
+            self._state.write_text(json.dumps(keep))
 
     def _records(self, tool: str, *args: str) -> list[dict[str, str]]:
         return parse_control_records(self._run(tool, *args, quiet=True))

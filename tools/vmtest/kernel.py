@@ -25,44 +25,147 @@ from .paths import KCONFIG_DIR, cache_root
 
 # `git bisect run` skips a revision when the script exits 125.
 EXIT_TREE_DOES_NOT_BUILD = 125
-DEFAULT_PACKAGE = "linux-source-6.12"
-DEFAULT_SUITE = "trixie"
-PROFILES = {
-    "default": ["ondemand.config"],
-    "debug": ["ondemand.config", "debug.config"],
+
+
+@dataclass(frozen=True)
+class DebianKernel:
+    """A kernel series the suite runs on: Debian's source package for it and its fragments."""
+
+    series: str                  # "6.1", the value of --kernel-version
+    package: str                 # Debian's linux-source-<series>
+    suites: tuple[str, ...]      # where to look; the newest version across them wins
+    fragments: tuple[str, ...]   # tools/kconfig/ files for the default profile, merged in order
+    backend: str                 # what carries domain_id there: "fscache" or "pagecache"
+
+
+KERNELS = {
+    # 6.1: domain_id's first release; bookworm-security carries the newest stable (6.1.192),
+    # bookworm itself the point release's (6.1.176) when the security archive is unreachable.
+    "6.1": DebianKernel("6.1", "linux-source-6.1", ("bookworm-security", "bookworm"),
+                        ("ondemand.config",), "fscache"),
+    "6.12": DebianKernel("6.12", "linux-source-6.12", ("trixie",), ("ondemand.config",), "fscache"),
+    # 7.2: the fscache backend is gone; domain_id= lives on as page-cache sharing (inode_share).
+    "7.2": DebianKernel("7.2", "linux-source-7.2", ("sid",), ("pagecache.config",), "pagecache"),
 }
-# What the suite cannot run without; used to name missing options for a foreign bzImage.
-REQUIRED_OPTIONS = (
-    "CONFIG_EROFS_FS",
-    "CONFIG_EROFS_FS_ONDEMAND",
-    "CONFIG_CACHEFILES",
-    "CONFIG_CACHEFILES_ONDEMAND",
-    "CONFIG_FSCACHE",
-    "CONFIG_FSCACHE_STATS",
-    "CONFIG_EXT4_FS",
-    "CONFIG_BLK_DEV_LOOP",
-    "CONFIG_IKCONFIG_PROC",
-)
+DEFAULT_KERNEL_VERSION = "6.12"
+DEFAULT_PACKAGE = KERNELS[DEFAULT_KERNEL_VERSION].package
+DEFAULT_SUITE = KERNELS[DEFAULT_KERNEL_VERSION].suites[0]
+# Profiles add fragments after the version's own ones.
+PROFILES = {
+    "default": [],
+    "debug": ["debug.config"],
+}
+
+
+# What each backend's tests cannot run without: the one list (fixtures/kernel.py reads it too, to
+# name what a kernel lacks; a foreign bzImage is checked against it before the VMs start).
+_GUEST_OPTIONS = ("CONFIG_EXT4_FS", "CONFIG_BLK_DEV_LOOP", "CONFIG_IKCONFIG_PROC")
+REQUIRED_OPTIONS = {
+    "fscache": ("CONFIG_EROFS_FS", "CONFIG_EROFS_FS_ONDEMAND", "CONFIG_FSCACHE", "CONFIG_CACHEFILES",
+                "CONFIG_CACHEFILES_ONDEMAND", "CONFIG_FSCACHE_STATS") + _GUEST_OPTIONS,
+    "pagecache": ("CONFIG_EROFS_FS", "CONFIG_EROFS_FS_XATTR", "CONFIG_EROFS_FS_PAGE_CACHE_SHARE",
+                  "CONFIG_EROFS_FS_BACKED_BY_FILE", "CONFIG_EROFS_FS_ZIP") + _GUEST_OPTIONS,
+}
+
+
+def series_of_tree(version: tuple[int, ...]) -> DebianKernel:
+    """The newest series not after `version`: a maintainer's 6.6 tree builds like 6.1's."""
+    fitting = [k for k in KERNELS.values() if version_tuple(k.series) <= tuple(version)]
+    return max(fitting, key=lambda k: version_tuple(k.series)) if fitting else KERNELS["6.1"]
+
+
+def choose_series(version: str | None, src: Path | None = None) -> DebianKernel:
+    """--kernel-version, else $EROFS_TEST_KERNEL_VERSION, else the given tree's, else the default."""
+    version = version or os.environ.get("EROFS_TEST_KERNEL_VERSION") or None
+    if version is None and src is not None and (tv := tree_version(Path(src))):
+        return series_of_tree(tv)
+    return kernel_series(version)
+
+
+def kernel_series(version: str | None) -> DebianKernel:
+    version = version or DEFAULT_KERNEL_VERSION
+    if version not in KERNELS:
+        raise deps.ToolError(f"unknown kernel version {version!r}; choose from {', '.join(KERNELS)}")
+    return KERNELS[version]
 
 
 class BuildFailed(deps.ToolError):
     exit_code = EXIT_TREE_DOES_NOT_BUILD
 
 
-def parse_fragment(text: str) -> dict[str, str]:
-    """Fragment lines `CONFIG_X=v  # why` and `# CONFIG_X is not set` -> {name: value}."""
-    out = {}
+# A fragment line whose option exists only in some kernels says so first in its comment:
+#   CONFIG_EROFS_FS_BACKED_BY_FILE=y  # kernel>=6.12: file-backed mounts
+#   CONFIG_EROFS_FS_ONDEMAND=y        # kernel<7.2: the fscache backend (removed in 7.2)
+# Outside that range the line is left out (and said so); inside it a dropped line is an error.
+_RANGE = re.compile(r"^kernel\s*((?:(?:>=|<)\s*\d+(?:\.\d+){1,2}\s*,?\s*)+):")
+_BOUND = re.compile(r"(>=|<)\s*(\d+(?:\.\d+){1,2})")
+
+
+def version_tuple(text: str) -> tuple[int, ...]:
+    parts = tuple(int(x) for x in text.split("."))
+    return parts + (0,) * (3 - len(parts))
+
+
+@dataclass(frozen=True)
+class FragmentLine:
+    name: str
+    value: str
+    since: tuple[int, ...] | None = None   # first kernel with the option
+    until: tuple[int, ...] | None = None   # first kernel without it
+
+    def applies(self, version: tuple[int, ...] | None) -> bool:
+        if version is None:
+            return True
+        return (self.since is None or version >= self.since) and (self.until is None or version < self.until)
+
+    def range_text(self) -> str:
+        def v(t):
+            return ".".join(map(str, t[:2] if t[2] == 0 else t))
+
+        bounds = ([f">={v(self.since)}"] if self.since else []) + ([f"<{v(self.until)}"] if self.until else [])
+        return "kernel" + ",".join(bounds)
+
+
+def parse_fragment_lines(text: str) -> list[FragmentLine]:
+    """Fragment lines `CONFIG_X=v  # why` and `# CONFIG_X is not set`, with their kernel range."""
+    out = []
     for line in text.splitlines():
         m = re.match(r"#\s*(CONFIG_\w+) is not set", line.strip())
         if m:
-            out[m.group(1)] = "n"
+            out.append(FragmentLine(m.group(1), "n"))
             continue
-        line = line.split("#", 1)[0].strip()
-        if not line:
+        body, _, comment = line.partition("#")
+        body = body.strip()
+        if not body:
             continue
-        name, _, value = line.partition("=")
-        out[name.strip()] = value.strip()
+        name, _, value = body.partition("=")
+        since = until = None
+        rm = _RANGE.match(comment.strip())
+        if rm:
+            for op, ver in _BOUND.findall(rm.group(1)):
+                if op == ">=":
+                    since = version_tuple(ver)
+                else:
+                    until = version_tuple(ver)
+        out.append(FragmentLine(name.strip(), value.strip(), since, until))
     return out
+
+
+def parse_fragment(text: str, version: tuple[int, ...] | None = None) -> dict[str, str]:
+    """The options of a fragment that exist in kernel `version` (all of them for None)."""
+    return {f.name: f.value for f in parse_fragment_lines(text) if f.applies(version)}
+
+
+def tree_version(src: Path) -> tuple[int, int, int] | None:
+    """VERSION.PATCHLEVEL.SUBLEVEL from a kernel tree's top Makefile."""
+    try:
+        text = (Path(src) / "Makefile").read_text(errors="replace")[:2000]
+    except OSError:
+        return None
+    got = dict(re.findall(r"^(VERSION|PATCHLEVEL|SUBLEVEL)\s*=\s*(\d+)", text, re.M))
+    if {"VERSION", "PATCHLEVEL"} - set(got):
+        return None
+    return int(got["VERSION"]), int(got["PATCHLEVEL"]), int(got.get("SUBLEVEL", 0))
 
 
 def parse_dotconfig(text: str) -> dict[str, str]:
@@ -87,14 +190,27 @@ def dropped_options(wanted: dict[str, str], dotconfig: dict[str, str]) -> list[s
     return bad
 
 
-def load_fragments(profile: str, extra: list[Path]) -> dict[str, str]:
+def fragment_paths(profile: str, extra: list[Path], series: DebianKernel | None = None) -> list[Path]:
     if profile not in PROFILES:
         raise deps.ToolError(f"unknown profile {profile!r}; choose from {', '.join(PROFILES)}")
+    series = series or kernel_series(None)
+    return [KCONFIG_DIR / f for f in (*series.fragments, *PROFILES[profile])] + [Path(p) for p in extra]
+
+
+def load_fragments(profile: str, extra: list[Path], series: DebianKernel | None = None,
+                   version: tuple[int, ...] | None = None, log=None) -> dict[str, str]:
+    """The options to build with: the series' fragments, the profile's, then `extra`; lines
+    whose kernel range excludes `version` are left out (named through `log`)."""
     options: dict[str, str] = {}
-    for path in [KCONFIG_DIR / f for f in PROFILES[profile]] + list(extra):
-        if not Path(path).is_file():
+    for path in fragment_paths(profile, extra, series):
+        if not path.is_file():
             raise deps.ToolError(f"config fragment {path} does not exist")
-        options.update(parse_fragment(Path(path).read_text()))
+        for line in parse_fragment_lines(path.read_text()):
+            if line.applies(version):
+                options[line.name] = line.value
+            elif log:
+                log(f"{path.name}: {line.name} left out: it exists in {line.range_text()}, "
+                    f"this tree is {'.'.join(map(str, version or ()))}")
     return options
 
 
@@ -114,12 +230,24 @@ def is_kernel_tree(src: Path) -> bool:
     return (src / "Makefile").is_file() and (src / "fs" / "erofs").is_dir() and (src / "Kconfig").is_file()
 
 
-def fetch_debian_source(package: str = DEFAULT_PACKAGE, suite: str = DEFAULT_SUITE, log=print) -> Path:
-    """Download and unpack Debian's linux-source package through a private apt configuration."""
-    from .debian import PrivateApt
+def fetch_debian_source(package: str = DEFAULT_PACKAGE, suite: str | tuple[str, ...] = DEFAULT_SUITE,
+                        log=print) -> Path:
+    """Download and unpack Debian's linux-source package through a private apt configuration.
 
+    With several suites the newest version among them wins; a suite whose archive cannot be
+    reached (bookworm-security behind a mirror without it) is dropped with a note."""
+    from .debian import DebianError, PrivateApt
+
+    suites = (suite,) if isinstance(suite, str) else tuple(suite)
     apt = PrivateApt(cache_root() / "apt")
-    apt.update([suite])
+    try:
+        apt.update(suites)
+    except DebianError as e:
+        if len(suites) < 2:
+            raise
+        log(f"apt-get update with {' '.join(suites)} failed; trying {' '.join(suites[1:])} ({str(e)[-200:]})")
+        apt.drop_suites(suites[:1])
+        apt.update(suites[1:], force=True)
     deb = Path(apt.download_binary(package))
     version = deb.name.split("_")[1]
     dest = cache_root() / "src" / f"{package}-{version}"
@@ -250,6 +378,21 @@ class KernelBuild:
         return dest / "bzImage"
 
 
+def bzimage_release(path: Path) -> str | None:
+    """The release string of an x86 bzImage ("6.1.192"): the setup header's kernel_version
+    field (offset 0x20e) points, minus 0x200, at "<release> (<builder>) #1 ..."."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(0x8000)
+    except OSError:
+        return None
+    if head[0x202:0x206] != b"HdrS":
+        return None
+    ptr = int.from_bytes(head[0x20E:0x210], "little") + 0x200
+    text = head[ptr:ptr + 200].split(b"\0", 1)[0].decode(errors="replace")
+    return text.split(" ", 1)[0] or None
+
+
 def ikconfig_from_bzimage(path: Path) -> dict[str, str] | None:
     """The .config embedded by CONFIG_IKCONFIG (like scripts/extract-ikconfig), or None.
 
@@ -276,16 +419,24 @@ def ikconfig_from_bzimage(path: Path) -> dict[str, str] | None:
             return None
 
 
-def missing_required(config: dict[str, str]) -> list[str]:
-    return [o for o in REQUIRED_OPTIONS if config.get(o, "n") not in ("y", "m")]
+def missing_required(config: dict[str, str], required: tuple[str, ...] = REQUIRED_OPTIONS["fscache"]) -> list[str]:
+    return [o for o in required if config.get(o, "n") not in ("y", "m")]
 
 
-def resolve_kernel(kernel: Path | None = None, src: Path | None = None, profile: str = "default") -> Path:
+def build_for(series: DebianKernel, src: Path | None = None, profile: str = "default",
+              extra: list[Path] | None = None) -> KernelBuild:
+    """The build of `src` (else Debian's tree for `series`) with the fragments `series` needs."""
+    deps.check(deps.KERNEL_BUILD, "build the kernel")
+    tree = Path(src).resolve() if src else fetch_debian_source(series.package, series.suites, log=KernelBuild.log)
+    options = load_fragments(profile, list(extra or []), series, tree_version(tree), log=KernelBuild.log)
+    return KernelBuild(src=tree, options=options, profile=profile, pristine=src is None)
+
+
+def resolve_kernel(kernel: Path | None = None, src: Path | None = None, profile: str = "default",
+                   version: str | None = None) -> Path:
     """The bzImage to test: the one given, or one built (or reused) from `src` / Debian's tree."""
     if kernel is not None:
         if not Path(kernel).is_file():
             raise deps.ToolError(f"--kernel {kernel} does not exist")
         return Path(kernel).resolve()
-    deps.check(deps.KERNEL_BUILD, "build the kernel")
-    tree = Path(src).resolve() if src else fetch_debian_source(log=KernelBuild.log)
-    return KernelBuild(src=tree, options=load_fragments(profile, []), profile=profile, pristine=src is None).build()
+    return build_for(choose_series(version, src), src, profile).build()

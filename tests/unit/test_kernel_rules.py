@@ -1,0 +1,103 @@
+"""fixtures/kernel.py: the version rule table (ranges keyed by stable release, config
+conditions, declared skips), on made-up kernels; no VM."""
+
+import pytest
+
+from fixtures.kernel import RULES, KernelFeatures, Requirements, parse_release, row_kernels
+
+FSCACHE_CONFIG = {o: "y" for o in ("CONFIG_EROFS_FS", "CONFIG_EROFS_FS_ONDEMAND", "CONFIG_FSCACHE",
+                                   "CONFIG_CACHEFILES", "CONFIG_CACHEFILES_ONDEMAND", "CONFIG_FSCACHE_STATS",
+                                   "CONFIG_EXT4_FS", "CONFIG_BLK_DEV_LOOP", "CONFIG_IKCONFIG_PROC",
+                                   "CONFIG_EROFS_FS_ZIP", "CONFIG_EROFS_FS_BACKED_BY_FILE")}
+
+
+def kernel(release: str, **config) -> KernelFeatures:
+    return KernelFeatures(release=release, config={**FSCACHE_CONFIG, **config}, has_cachefiles_dev=True)
+
+
+@pytest.mark.parametrize(("release", "expected"), [
+    ("6.1.192", (6, 1, 192)), ("6.12.117", (6, 12, 117)), ("7.2", (7, 2, 0)), ("6.1.0-32-amd64", (6, 1, 0)),
+])
+def test_parse_release(release, expected):
+    assert parse_release(release) == expected
+
+
+@pytest.mark.parametrize(("release", "restore", "object_check"), [
+    ("6.1.94", False, False), ("6.1.95", True, False), ("6.1.100", True, False), ("6.1.101", True, True),
+    ("6.1.192", True, True), ("6.5.13", False, False), ("6.6.34", False, False), ("6.6.35", True, False),
+    ("6.7.12", False, False), ("6.8.0", True, False), ("6.10.1", True, True), ("6.12.117", True, True),
+])
+def test_backports_are_keyed_by_stable_release(release, restore, object_check):
+    k = kernel(release)
+    assert k.holds("restore") is restore and k.holds("reopen_closed_object") is restore
+    assert k.holds("read_complete_object_check") is object_check
+
+
+def test_6_1_and_6_12_differ_where_the_issue_measured():
+    old, new = kernel("6.1.192"), kernel("6.12.117")
+    for rule in ("file_backed_mount", "netfs_procfs", "death_read_enobufs", "sysfs_name_truncated",
+                 "unaligned_write_refused", "restart_member_reads_fail",
+                 "sysfs_path_ioctl", "ondemand_deprecated", "compressed_fscache"):
+        assert not old.holds(rule) and new.holds(rule), rule
+    assert old.holds("bug_shared_primary_inode") and not new.holds("bug_shared_primary_inode")
+    assert old.sysfs_name_max is None and new.sysfs_name_max == 36
+
+
+def test_7_2_has_no_fscache_backend_and_that_is_a_declared_skip():
+    k = kernel("7.2.13")
+    assert k.why_no_ondemand().startswith("rule fscache_backend (6.1 - 7.1) does not apply to kernel 7.2.13")
+    assert k.declared("fscache_backend") and not k.holds("bug_cachefiles_key47")
+    with pytest.raises(pytest.skip.Exception):
+        Requirements(k, strict=True).ondemand()
+
+
+def test_page_cache_sharing_is_7_0_and_later_and_needs_its_options():
+    pc = {"CONFIG_EROFS_FS_PAGE_CACHE_SHARE": "y", "CONFIG_EROFS_FS_XATTR": "y"}
+    assert kernel("7.2.13", **pc).why_no_pagecache_share() is None
+    without = kernel("7.2.13", **{**pc, "CONFIG_EROFS_FS_PAGE_CACHE_SHARE": "n"})
+    assert "lacks CONFIG_EROFS_FS_PAGE_CACHE_SHARE" in without.why_no_pagecache_share()
+    k = kernel("6.12.117")
+    assert k.declared("pagecache_share") and "inode_share is an unknown parameter" in k.why_no_pagecache_share()
+
+
+def test_a_missing_option_in_range_fails_under_strict():
+    k = kernel("6.12.117", CONFIG_EROFS_FS_BACKED_BY_FILE="n")
+    assert not k.holds("file_backed_mount") and not k.declared("file_backed_mount")
+    assert "lacks CONFIG_EROFS_FS_BACKED_BY_FILE" in k.why_not("file_backed_mount")
+    with pytest.raises(pytest.fail.Exception):
+        Requirements(k, strict=True).rule("file_backed_mount")
+    with pytest.raises(pytest.skip.Exception):
+        Requirements(k, strict=False).rule("file_backed_mount")
+    with pytest.raises(pytest.skip.Exception, match="rule file_backed_mount .* does not apply to kernel 6.1.192"):
+        Requirements(kernel("6.1.192"), strict=True).rule("file_backed_mount")
+
+
+def test_known_bug_skips_only_where_the_bug_is():
+    with pytest.raises(pytest.skip.Exception, match="known kernel bug on 6.1.192 .*bug_shared_primary_inode"):
+        Requirements(kernel("6.1.192"), strict=True).not_bug("bug_shared_primary_inode")
+    Requirements(kernel("6.12.117"), strict=True).not_bug("bug_shared_primary_inode")  # no skip
+
+
+def test_pick_chooses_by_the_rule():
+    assert kernel("6.12.117").pick("death_read_enobufs", "ENOBUFS", "EIO") == "ENOBUFS"
+    assert kernel("6.1.192").pick("death_read_enobufs", "ENOBUFS", "EIO") == "EIO"
+
+
+def test_readme_kernels_are_real_ranges():
+    assert row_kernels("fscache_backend") == "6.1 - 7.1"
+    assert row_kernels("restore") == "6.1.95+ (6.1.y), 6.6.35+ (6.6.y), 6.8 - 7.1"
+    assert row_kernels("read_complete_object_check") == "6.1.101+ (6.1.y), 6.10 - 7.1"
+    assert row_kernels("file_backed_mount") == "6.12 - 7.1"
+    assert RULES["bug_shared_primary_inode"].kernels() == "6.1 - 6.2"
+
+
+def test_every_rule_says_where_it_comes_from():
+    for rule in RULES.values():
+        assert rule.spans and rule.source and rule.holds, rule.name
+
+
+def test_features_table_names_every_rule():
+    rows = dict(kernel("6.1.192").table())
+    assert rows["kernel release"] == "6.1.192"
+    assert rows["rule restore [6.1.95+ (6.1.y), 6.6.35+ (6.6.y), >= 6.8]"] == "holds"
+    assert rows["rule file_backed_mount [>= 6.12]"] == "no (declared: outside its range)"
