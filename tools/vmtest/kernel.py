@@ -30,6 +30,8 @@ DEFAULT_SUITE = "trixie"
 PROFILES = {
     "default": ["ondemand.config"],
     "debug": ["ondemand.config", "debug.config"],
+    # 7.0+: page-cache sharing (tests/pagecache); no fscache options (7.2 removed the backend).
+    "pagecache": ["pagecache.config"],
 }
 # What the suite cannot run without; used to name missing options for a foreign bzImage.
 REQUIRED_OPTIONS = (
