@@ -84,7 +84,9 @@ def sharing(pc_mounts, kmsg):
     """A scenario: mounts, reads and drops done on the kernel and in the oracle; `check()`."""
     from fixtures.pagecache.harness import Sharing
 
-    return Sharing(pc_mounts, kmsg)
+    s = Sharing(pc_mounts, kmsg)
+    yield s
+    s.release_all()
 
 
 @pytest.fixture

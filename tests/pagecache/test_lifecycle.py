@@ -34,40 +34,52 @@ def test_drop_caches_empties_every_member(sharing, pc_images, domain, what):
     sharing.check(f"reading a through {ms[1].name} again")
 
 
-def test_shared_pages_outlive_every_member_until_dentry_reclaim(sharing, pc_images, domain):
-    """LINGER: the shared inode stays cached (its dentry in the pseudo filesystem) after every
-    member is unmounted; a new member finds its pages resident. drop_caches 2 frees it."""
+def test_shared_pages_die_with_the_last_member(sharing, pc_images, domain):
+    """LIFETIME: the pages stay while one member is mounted and go with the last one: a new
+    member of the domain starts with nothing resident."""
     d = domain()
     m1 = sharing.mount(pc_images["base"], domain_id=d)
     m2 = sharing.mount(pc_images["twin"], domain_id=d)
     sharing.read_all(m1)
     sharing.umount(m1)
+    sharing.check(f"unmounting the reader {m1.name}")
     sharing.umount(m2)
     m3 = sharing.mount(pc_images["base"], domain_id=d)
-    sharing.check("unmounting both members, mounting a third in the domain")
-    sharing.umount(m3)
+    sharing.check("unmounting the last member, mounting a new one in the domain")
+    assert m3
+
+
+def test_an_open_member_keeps_the_pages_through_inode_reclaim(sharing, pc_images, domain):
+    """drop_caches 2 evicts every cached member inode but the open one: the shared inode lives on
+    with its pages, and the evicted members join it again when looked up."""
+    d = domain()
+    ms = [sharing.mount(pc_images[img], domain_id=d) for img in ("base", "twin", "base")]
+    sharing.read(ms[0], "b")
+    sharing.hold(ms[1], "b")
     sharing.drop_caches(2)
-    m4 = sharing.mount(pc_images["twin"], domain_id=d)
-    sharing.check("unmounting it, dentry reclaim, mounting a fourth")
-    assert m4
+    sharing.check("keeping b open in one member, echo 2 > drop_caches")
+    sharing.release(ms[1], "b")
+    sharing.drop_caches(2)
+    sharing.check("closing it, echo 2 > drop_caches again")
 
 
-def test_lingering_shared_inode_keeps_its_first_aops(sharing, pc_images, domain):
-    """A file-backed member is gone but its shared inode lingers: a loop-device mount in the
-    domain is not shared (AOPS) until dentry reclaim frees the file-backed shared inode."""
+def test_a_verdict_is_kept_while_the_inode_is_cached(sharing, pc_images, domain):
+    """ONCE: loop-device files are left unshared while a file-backed member owns the shared
+    inodes (AOPS), and stay so after it is gone, until they are evicted and looked up again."""
     d = domain()
     m1 = sharing.mount(pc_images["base"], backing="file", domain_id=d)
-    sharing.read(m1, "a")
-    sharing.umount(m1)
     m2 = sharing.mount(pc_images["base"], backing="bdev", domain_id=d)
+    sharing.read(m1, "a")
+    sharing.check("a file-backed and a loop-device member")
+    sharing.umount(m1)
     m3 = sharing.mount(pc_images["twin"], backing="bdev", domain_id=d)
     sharing.read(m2, "b")
-    sharing.check("file-backed member gone, two loop-device members mounted")
+    sharing.check("unmounting the file-backed member, mounting another loop-device member")
     sharing.drop_caches(2)
     sharing.lookup(m2)
     sharing.lookup(m3)
-    sharing.read(m2, "a")
-    sharing.check("dentry reclaim, reading a through the first loop-device member")
+    sharing.read(m3, "a")
+    sharing.check("evicting every inode (echo 2 > drop_caches), looking the files up again")
 
 
 def test_remount_with_the_same_options_keeps_sharing(sharing, pc_images, domain, kmsg):

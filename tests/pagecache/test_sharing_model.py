@@ -4,9 +4,9 @@ prefix of the other) and mounts without sharing, compared after every step with 
 (fixtures/pagecache/oracle.py): the file operations each file got and the pages resident in
 each mount, and every read's data.
 
-Each example gets fresh domain ids, so shared inodes lingering from an earlier example
-(LINGER) never meet it. Hypothesis: deadline=None (a VM under TCG), derandomized when $CI is
-set, no shrinking; a failure shows the operations, tables and rule."""
+Each example gets fresh domain ids and ends with everything unmounted. Hypothesis:
+deadline=None (a VM under TCG), derandomized when $CI is set, no shrinking; a failure shows
+the operations, tables and rule."""
 
 import os
 from pathlib import Path

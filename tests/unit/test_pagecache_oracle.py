@@ -91,20 +91,31 @@ def test_other_size_is_not_shared_and_logged():
     assert v.log == "i_size mismatch (4096 != 8192) for the same fingerprint"
 
 
-def test_shared_inode_lingers_until_dentry_reclaim():
+def test_shared_inode_dies_with_its_last_member():
     o = Oracle()
     mount(o, "m1", backing="file")
     o.read("m1", "a")
-    o.umount("m1")
     mount(o, "m2")
-    assert o.verdict("m2", "a").rule == "AOPS"      # the file-backed shared inode lingers
-    o.umount("m2")
-    mount(o, "m3", backing="file")
-    assert o.resident("m3", "a")                    # and keeps its pages
+    assert o.verdict("m2", "a").rule == "AOPS"      # the file-backed shared inode is there
+    o.umount("m1")
+    assert o.verdict("m2", "a").rule == "AOPS"      # ONCE: m2's inode keeps its verdict
+    mount(o, "m3")
+    assert o.verdict("m3", "a").shared and not o.resident("m3", "a")
     o.drop_caches(2)
-    o.umount("m3")
-    mount(o, "m4")
-    assert o.verdict("m4", "a").shared and not o.resident("m4", "a")
+    assert o.verdict("m2", "a").shared              # evicted and looked up again: now it joins
+    assert o.peers("m3", "a") == {("m2", "a"), ("m3", "a")}
+
+
+def test_drop_caches_2_frees_shared_inodes_without_open_members():
+    o = Oracle()
+    mount(o, "m1")
+    mount(o, "m2")
+    o.read("m1", "a")
+    o.drop_caches(2, open_nodes=frozenset({("m2", "a")}))
+    assert o.resident("m1", "a")                    # rejoins the inode m2 keeps open
+    o.read("m1", "b")
+    o.drop_caches(2)
+    assert not o.resident("m1", "a") and not o.resident("m1", "b")
 
 
 def test_drop_caches_keeps_open_inodes():
