@@ -19,7 +19,7 @@ def fragment_lines(name="ondemand.config"):
             if line.startswith("CONFIG_")]
 
 
-@pytest.mark.parametrize("name", ["ondemand.config", "debug.config"])
+@pytest.mark.parametrize("name", ["ondemand.config", "debug.config", "pagecache.config"])
 def test_every_fragment_option_says_why(name):
     undocumented = [line for line in fragment_lines(name) if not re.search(r"=\S+\s+#\s*\S", line)]
     assert not undocumented, f"options without a one-line reason in {name}: {undocumented}"
@@ -34,6 +34,15 @@ def test_fragment_holds_what_the_suite_needs():
         "CONFIG_UNIX",
     }
     assert {o for o in needed if opts.get(o) != "y"} == set()
+
+
+def test_pagecache_fragment_holds_what_tests_pagecache_needs():
+    from fixtures.kernel import PAGECACHE_OPTIONS
+
+    opts = kernel.load_fragments("pagecache", [])
+    needed = set(PAGECACHE_OPTIONS) | {"CONFIG_IKCONFIG_PROC", "CONFIG_FS_DAX", "CONFIG_FTRACE", "CONFIG_9P_FS"}
+    assert {o for o in needed if opts.get(o) != "y"} == set()
+    assert "CONFIG_EROFS_FS_ONDEMAND" not in opts   # gone in 7.2; excluded PAGE_CACHE_SHARE before
 
 
 def test_render_strips_comments_and_keeps_not_set():
