@@ -88,12 +88,13 @@ def test_image_without_digests_turns_sharing_off():
 def test_parse_trace():
     text = """
  python3-80 [001] ..... 12.5: erofs_readahead: dev = (7,1), nid = 42, start = 0 nrpage = 16 raw = 1
- python3-80 [001] ..... 12.6: erofs_read_folio: dev = (0,40), nid = 768, regular file, index = 3, order = 2, raw = 1
+ python3-80 [001] ..... 12.6: erofs_read_folio: dev = (0,40), nid = 768, FILE, index = 3, order = 2, raw = 1
  python3-80 [001] ..... 12.7: erofs_lookup: dev = (7,1), pnid = 36, name = a
 """
     evs = probe.parse_trace(text)
     assert [(e.event, e.dev, e.nid, e.first_page, e.pages) for e in evs] == [
         ("erofs_readahead", (7, 1), 42, 0, 16), ("erofs_read_folio", (0, 40), 768, 3, 4)]
+    assert not evs[1].directory
 
 
 def features(release, config=None, mkfs="1.9.4"):
