@@ -36,10 +36,9 @@ class ImageStore:
 
 
 @pytest.fixture(scope="session")
-def pc_store(features):
+def pc_store(require):
     """One ext4 filesystem per VM holding the images (built in the guest, once)."""
-    if features.why_no_pagecache_share() is not None:
-        pytest.skip(features.why_no_pagecache_share())
+    require.pagecache_share()
     from fixtures.cache import CacheFs
     from fixtures.plugin import unique
 
