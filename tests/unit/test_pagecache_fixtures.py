@@ -3,6 +3,7 @@
 import errno
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -48,6 +49,11 @@ def test_patch_value_needs_one_entry_head():
     img = bytearray(b"\x00" * 10 + OLD)
     with pytest.raises(ValueError, match="entry head"):
         images.patch_value(img, OLD, b"N" * 39)
+
+
+def test_crc32c_is_the_kernels():
+    # standard CRC-32C("123456789") = 0xE3069283 = ~crc32c(~0, ...)
+    assert images.crc32c(0xFFFFFFFF, b"123456789") ^ 0xFFFFFFFF == 0xE3069283
 
 
 def test_mkfs_digest():
@@ -142,3 +148,7 @@ def test_build_marks_compressed_files_and_crafts(tmp_path):
     data = c.path.read_bytes()
     assert image_set.CRAFTED["value-first"][1] in data
     assert images.mkfs_digest(c.files["p"]) not in data
+    fsck = Path(mkfs).with_name("fsck.erofs")
+    if fsck.exists():  # the superblock checksum was recomputed: the image is sound
+        r = subprocess.run([str(fsck), str(c.path)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
