@@ -11,6 +11,7 @@ the operations, tables and rule."""
 import os
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
@@ -22,6 +23,8 @@ STEPS = 8
 IMAGES = ("base", "twin", "other", "base-z")
 
 
+@pytest.mark.watchdog(600)
+@pytest.mark.timeout(660)
 def test_sharing_matches_the_model(pc_mounts, pc_images, kmsg, domain):
     imgs = {name: pc_images[name] for name in IMAGES}
     examples = iter(range(1 << 20))
