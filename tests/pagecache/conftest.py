@@ -86,6 +86,13 @@ def sharing(pc_mounts, kmsg):
     s = Sharing(pc_mounts, kmsg)
     yield s
     s.release_all()
+    errors = pc_mounts.close()
+    s.by_name.clear()
+    if errors:
+        pytest.fail("unmount failed at teardown:\n" + "\n".join(errors), pytrace=False)
+    left = s.leftovers()
+    if left:
+        pytest.fail(left, pytrace=False)
 
 
 @pytest.fixture
