@@ -152,3 +152,15 @@ def test_build_marks_compressed_files_and_crafts(tmp_path):
     if fsck.exists():  # the superblock checksum was recomputed: the image is sound
         r = subprocess.run([str(fsck), str(c.path)], capture_output=True, text=True)
         assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_pagecache_suite_is_a_declared_skip_before_7_0_even_under_strict():
+    from fixtures.kernel import Requirements
+
+    req = Requirements(features("6.12.117", dict(FULL, CONFIG_EROFS_FS_PAGE_CACHE_SHARE="n")), strict=True)
+    with pytest.raises(pytest.skip.Exception, match="declared: .*arrived in 7.0"):
+        req.pagecache_share()
+    req = Requirements(features("7.2.13", dict(FULL, CONFIG_EROFS_FS_PAGE_CACHE_SHARE="n")), strict=True)
+    with pytest.raises(pytest.fail.Exception, match="CONFIG_EROFS_FS_PAGE_CACHE_SHARE"):
+        req.pagecache_share()
+    Requirements(features("7.2.13", FULL), strict=True).pagecache_share()
