@@ -262,18 +262,20 @@ def pytest_collection_finish(session):
     config = session.config
     if is_worker(config) or in_vm():
         return
-    if not any("tests/fscache" in item.nodeid for item in session.items):
+    suites = {s for s in ("tests/fscache", "tests/pagecache") for item in session.items if s in item.nodeid}
+    if not suites:
         return
     if not config.getoption("host_mode"):
         pytest.exit(
-            "tests/fscache needs a kernel with EROFS/cachefiles on-demand support. Run it in VMs "
-            "(`tox -e vm`, or `pytest --dist load --tx 2*popen//python=tools/vm-python tests/fscache`), "
+            f"{' and '.join(sorted(suites))} need(s) a kernel with EROFS on-demand (fscache) or page-cache "
+            "sharing support. Run it in VMs "
+            "(`tox -e vm`, or `pytest --dist load --tx 2*popen//python=tools/vm-python tests/pagecache`), "
             "or on a disposable root machine whose kernel has the features with --host-mode.",
             returncode=4,
         )
     from fixtures import kernel as fk
 
     f = fk.detect(os.environ.get("MKFS_EROFS"))
-    reason = f.why_no_ondemand()
+    reason = f.why_no_ondemand() if "tests/fscache" in suites else f.why_no_pagecache_share()
     if os.geteuid() != 0 or reason:
         pytest.exit(f"--host-mode refused: {reason or 'not root'}", returncode=4)

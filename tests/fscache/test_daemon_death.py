@@ -202,10 +202,11 @@ def _read_errno(path, offset: int = 0) -> int:
 # with the same tag (the fscache cache record is re-used); a new member B (fsid b, device=X) of D
 # then *mounts*: its primary cookie b is new and gets an OPEN from the new daemon (the domain's
 # volume is re-created in the cache on lookup; docs/protocol.md#daemon-death), but X is the dead
-# cache's cookie, shared through the domain (erofs_domain_register_cookie() finds it), never looked up again: B's data reads of X
-# fail, as do A's uncached reads, and the new daemon never sees an OPEN for X. Once every member
-# is unmounted the domain is torn down and a fresh mount of B works end to end. The errno of the
-# failing reads is rule restart_member_reads_fail's (fixtures/kernel.py).
+# cache's cookie, shared through the domain (erofs_domain_register_cookie() finds it), never
+# looked up again: B's data reads of X fail, as do A's uncached reads, and the new daemon never
+# sees an OPEN for X. Once every member is unmounted the domain is torn down and a fresh mount of
+# B works end to end. The errno of the failing reads is rule restart_member_reads_fail's
+# (fixtures/kernel.py).
 
 
 def domain_restart_expected(features) -> dict[str, str]:
