@@ -21,7 +21,8 @@ from tests.unit.fake_device import PAGE, FakeKernel, Harness
 
 @pytest.fixture
 def sockdir():
-    d = tempfile.mkdtemp(prefix="od-", dir="/tmp")  # AF_UNIX paths must stay short
+    """A fresh directory for Unix sockets (AF_UNIX paths must stay short: not under tmp_path)."""
+    d = tempfile.mkdtemp(prefix="sock-", dir="/tmp")
     yield Path(d)
     shutil.rmtree(d, ignore_errors=True)
 

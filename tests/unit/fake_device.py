@@ -130,6 +130,17 @@ class Harness:
     def entries(self, op: str | None = None) -> list[dict]:
         return [e for e in read_request_log(self.log_path) if op is None or e["op"] == op]
 
+    def open_failed(self, cookie: str) -> bytes:
+        """OPEN ``cookie`` with a pipe as its anon fd; the daemon's copen, once it settled with
+        the fd closed and no object open (a failed OPEN)."""
+        reader, anon = pipe_anon()
+        msg_id, _ = self.kernel.open(cookie, anon)
+        reply = self.kernel.recv()
+        self.ctl.wait_idle()
+        assert anon_closed(reader), "the anon fd of a failed OPEN must be closed"
+        assert self.ctl.status()["objects"] == {}
+        return reply.replace(b"%d" % msg_id, b"{id}", 1)
+
     def completion(self, timeout: float = 5.0) -> tuple[int, int]:
         return self.completions.get(timeout=timeout)
 

@@ -76,12 +76,7 @@ def test_open_known_blob_copens_its_size_and_sets_cloexec(h):
 
 
 def test_open_unknown_blob_fails_with_enoent_and_closes_fd(h):
-    reader, anon = pipe_anon()
-    msg_id, _ = h.kernel.open("nosuchblob", anon)
-    assert h.kernel.recv() == b"copen %d,-2" % msg_id
-    h.ctl.wait_idle()
-    assert anon_closed(reader)
-    assert h.ctl.status()["objects"] == {}
+    assert h.open_failed("nosuchblob") == b"copen {id},-2"
 
 
 def test_close_releases_the_anon_fd(h):
@@ -320,12 +315,7 @@ def test_copen_raw_rejected_falls_back_to_a_proper_copen(h):
 
 def test_copen_raw_bad_size_fails_the_open_and_closes_fd(h):
     h.ctl.copen_raw("copen {id},abc", once=True)
-    reader, anon = pipe_anon()
-    msg_id, _ = h.kernel.open("blob1", anon)
-    assert h.kernel.recv() == b"copen %d,abc" % msg_id
-    h.ctl.wait_idle()
-    assert anon_closed(reader)
-    assert h.ctl.status()["objects"] == {}
+    assert h.open_failed("blob1") == b"copen {id},abc"
 
 
 def test_fail_read_skip_data_completes_without_writing(h):
@@ -376,23 +366,6 @@ def test_delay_open(h):
     h.kernel.open("blob1", anon)
     h.kernel.recv()
     assert time.monotonic() - t0 >= 0.35
-
-
-def test_close_anon_early_is_always_one_shot(h):
-    h.ctl.close_anon_early(cookie="blob1")
-    assert h.ctl.status()["faults"][0]["once"] is True
-    reader, anon = pipe_anon()
-    msg_id, _ = h.kernel.open("blob1", anon)
-    assert h.kernel.recv() == b"copen %d,10000" % msg_id
-    h.ctl.wait_idle()
-    assert anon_closed(reader)
-    assert h.ctl.status()["objects"] == {} and h.ctl.status()["faults"] == []
-    reader, anon = pipe_anon()
-    _, obj = h.kernel.open("blob1", anon)   # the kernel's re-open keeps its fd
-    h.kernel.recv()
-    h.ctl.wait_idle()
-    assert not anon_closed(reader)
-    assert h.ctl.status()["objects"] == {str(obj): "blob1"}
 
 
 def test_exit_abruptly_at_next_request(h):

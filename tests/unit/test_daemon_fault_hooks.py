@@ -8,21 +8,32 @@ import errno
 import os
 import resource
 
+import pytest
+
 from fixtures.ondemand import faults
 from tests.unit.fake_device import PAGE, anon_closed, file_anon, pipe_anon
 
 
-def test_close_anon_before_copen_closes_then_answers(h):
-    h.ctl.close_anon_before_copen(cookie="blob1")
+@pytest.mark.parametrize("fault", ["close_anon_before_copen", "close_anon_early"])
+def test_a_fault_closing_the_anon_fd_acts_once_around_the_copen(h, fault):
+    """Before the copen the kernel fails the OPEN with EBADFD; right after it, the kernel
+    re-opens the object. Either way the fault acts once: the next OPEN keeps its fd."""
+    getattr(h.ctl, fault)(cookie="blob1")
     assert h.ctl.status()["faults"][0]["once"] is True
     reader, anon = pipe_anon()
     msg_id, _ = h.kernel.open("blob1", anon)
     assert h.kernel.recv() == b"copen %d,10000" % msg_id
     h.ctl.wait_idle()
     assert anon_closed(reader)
-    assert h.ctl.status()["objects"] == {}   # the kernel fails this OPEN with EBADFD
+    assert h.ctl.status()["objects"] == {} and h.ctl.status()["faults"] == []
     (entry,) = h.entries("OPEN")
-    assert entry["fault"] == "close_anon_before_copen" and entry["write_errnos"] == [0]
+    assert entry["fault"] == fault and entry["write_errnos"] == [0]
+    reader, anon = pipe_anon()
+    _, obj = h.kernel.open("blob1", anon)
+    h.kernel.recv()
+    h.ctl.wait_idle()
+    assert not anon_closed(reader)
+    assert h.ctl.status()["objects"] == {str(obj): "blob1"}
 
 
 def test_copen_twice_writes_the_reply_again(h):
