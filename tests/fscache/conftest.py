@@ -114,7 +114,7 @@ class FaultEnv:
         return self.window.cache_dir
 
     def requests(self, op: str | None = None) -> list[dict]:
-        return self.window.requests(op)
+        return self.window.requests(op=op)
 
     def render(self, last: int = 40) -> str:
         return self.window.render(last)

@@ -80,7 +80,7 @@ def test_window_keeps_unparsable_lines_and_leaves_out_a_torn_tail(tmp_path):
         f.write('{"op": "READ", "msg_id": 1}\nnot json\n[1, 2]\n{"op": "CLO')
     entries, bad = w.read()
     assert [e["op"] for e in entries] == ["READ"] and bad == ["not json", "[1, 2]"]
-    assert RequestWindow(log, 0).requests("OPEN") == [{"op": "OPEN"}]
+    assert RequestWindow(log, 0).requests(op="OPEN") == [{"op": "OPEN"}]
     text = w.render()
     assert "2 line(s) of the request log are not entries" in text and "'not json'" in text
     pos = w.position()
