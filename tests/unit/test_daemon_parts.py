@@ -154,3 +154,22 @@ def test_end_test_fails_on_lines_that_are_not_requests(h):
         f.write("garbage from nowhere\n")
     errors = end_test(w)
     assert errors and "'garbage from nowhere'" in errors[-1]
+
+
+def test_a_held_read_whose_completion_fails_is_an_error_not_served(start, blobs):
+    """What the kernel says to the late READ_COMPLETE decides: EINVAL (the READ is gone, e.g.
+    completed through another object's fd) must be reported, or a test cannot see it."""
+    def refuse(fd, msg_id):
+        raise OSError(errno.EINVAL, "no such READ")
+
+    h = start(read_complete=refuse)
+    h.kernel.recv(), h.kernel.recv(), h.kernel.recv()   # dir, tag, bind
+    anon = file_anon(h.tmp / "obj")
+    _, obj = h.kernel.open("blob2", anon)
+    h.kernel.recv()
+    h.ctl.fail_read("ignore", once=True)
+    msg_id = h.kernel.read(obj, 0, PAGE)
+    h.ctl.wait_idle()
+    assert h.ctl.serve_ignored() == {"served": [], "errors": {str(msg_id): os.strerror(errno.EINVAL)}}
+    (late,) = [e for e in h.entries("READ") if e["fault"] == "served_late"]
+    assert late["errno"] == errno.EINVAL and late["bytes_written"] == 3 * PAGE   # the whole blob
