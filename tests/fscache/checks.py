@@ -1,7 +1,7 @@
 """Shared machinery and assertion helpers for the shared-domain tests (`domain_id=`).
 
 The domain tests run many short mount sequences, so one cache filesystem and one on-demand
-daemon serve a whole test module (`domain_rig`, tests/fscache/conftest.py) and every test
+daemon serve a whole test module (`shared_daemon`, tests/fscache/conftest.py) and every test
 gets a `Rig`: its view of that daemon (only the requests made since the test began), a mount
 table, a fresh `Oracle`, and names that no other test uses (a fresh volume key means a cold
 cache).  A fresh cache filesystem, daemon start and cache withdrawal cost 1.5-2 s per test
@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
-import os
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -26,20 +24,11 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from fixtures import record
+from fixtures.daemons import DaemonWindow
 from fixtures.images import ErofsImage, Mismatch
 from fixtures.mounts import ErofsMount, MountError, MountTable
-from fixtures.observe.cachedir import (
-    CACHE_XATTR,
-    CacheDirListing,
-    DataFile,
-    GraveyardEntry,
-    decode_cache_xattr,
-    predict_path,
-    volume_dir_name,
-)
+from fixtures.observe.cachedir import CacheDirListing, predict_path
 from fixtures.observe.snapshot import FscacheSnapshot, SnapshotDiff
-from fixtures.ondemand.process import render_requests
 from fixtures.oracle import MountResult, Oracle, volume_key_for
 
 
@@ -68,71 +57,7 @@ def round_up(n: int, align: int = PAGE) -> int:
     return -(-n // align) * align
 
 
-# ----------------------------------------------------------------------------- daemon view
-class DaemonWindow:
-    """The module's daemon as one test sees it: requests logged since `start` (a byte offset
-    of the JSON Lines log), with the control channel of the real process."""
-
-    def __init__(self, proc, start: int | None = None, served: dict | None = None):
-        self.proc = proc
-        self.start = self.position() if start is None else start
-        self.served = {} if served is None else served  # cookie name -> path, shared by the module
-
-    def position(self) -> int:
-        try:
-            return self.proc.log_path.stat().st_size
-        except FileNotFoundError:
-            return 0
-
-    @property
-    def control(self):
-        return self.proc.control
-
-    @property
-    def cache_dir(self) -> Path:
-        return Path(self.proc.cache_dir)
-
-    @property
-    def alive(self) -> bool:
-        return self.proc.alive
-
-    def lines(self, since: int | None = None) -> list[str]:
-        try:
-            with open(self.proc.log_path, "rb") as f:
-                f.seek(self.start if since is None else since)
-                data = f.read()
-        except FileNotFoundError:
-            return []
-        text = data.decode("utf-8", "replace")
-        return [line for line in text.split("\n")[:-1] if line.strip()]  # drop an unterminated tail
-
-    def requests(self, since: int | None = None) -> list[dict]:
-        """Requests of this test (or since a `position()`), oldest first."""
-        out = []
-        for line in self.lines(since):
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass
-        return out
-
-    def render(self, last: int = 60, since: int | None = None) -> str:
-        return render_requests(self.requests(since), last)
-
-    def serve_blob(self, name: str, path: Path) -> None:
-        """Serve cookie `name` from `path` (one control call, skipped if already so)."""
-        if self.served.get(name) != str(path):
-            self.control.add_blob(name, str(path))
-            self.served[name] = str(path)
-
-    def wait_idle(self, timeout: float = 10.0, quiet: float = 0.05) -> None:
-        self.control.wait_idle(timeout=timeout, quiet=quiet)
-
-    def save(self, dest: Path) -> None:
-        """This test's slice of the log, as the test's own daemon-requests.jsonl."""
-        dest.write_text("".join(line + "\n" for line in self.lines()))
-
-
+# ----------------------------------------------------------------------------- request log
 def opens(requests: Iterable[dict]) -> Counter:
     """OPEN requests per (volume key, cookie key)."""
     return Counter((r["volume_key"], r["cookie_key"]) for r in requests if r.get("op") == "OPEN")
@@ -169,40 +94,6 @@ def overlapping_reads(rs: list[dict]) -> list[tuple[dict, dict]]:
 def render_reads(rs: list[dict]) -> str:
     rows = [(r.get("msg_id"), r.get("volume_key"), r.get("cookie_key"), r.get("off"), r.get("len")) for r in rs]
     return tabulate(rows, headers=("msg", "volume", "cookie", "off", "len"))
-
-
-# ----------------------------------------------------------------------------- cache dir view
-def scan_volumes(cache_dir: Path, volume_keys: Iterable[str]) -> CacheDirListing:
-    """The data files of some volumes only (a shared cache holds every test's volumes, and
-    each volume directory has 256 fan-out directories), plus the whole graveyard."""
-    root = Path(cache_dir)
-    files: list[DataFile] = []
-    for vkey in sorted(set(volume_keys)):
-        vdir = root / "cache" / volume_dir_name(vkey)
-        if not vdir.is_dir():
-            continue
-        for fan in sorted(os.scandir(vdir), key=lambda e: e.name):
-            if not fan.name.startswith("@"):
-                continue
-            for obj in sorted(os.scandir(fan.path), key=lambda e: e.name):
-                st = obj.stat(follow_symlinks=False)
-                raw = decoded = err = None
-                try:
-                    raw = os.getxattr(obj.path, CACHE_XATTR, follow_symlinks=False)
-                    decoded = decode_cache_xattr(raw)
-                except (OSError, ValueError) as e:
-                    err = None if getattr(e, "errno", None) == errno.ENODATA else str(e)
-                rel = f"cache/{vdir.name}/{fan.name}/{obj.name}"
-                files.append(DataFile(rel, st.st_size, st.st_blocks * 512, decoded, raw, err))
-    grave = []
-    gdir = root / "graveyard"
-    if gdir.is_dir():
-        for e in sorted(os.scandir(gdir), key=lambda e: e.name):
-            st = e.stat(follow_symlinks=False)
-            grave.append(GraveyardEntry(e.name, e.is_dir(follow_symlinks=False), st.st_size))
-    listing = CacheDirListing(str(root), tuple(files), (), tuple(grave), ())
-    record.cache_listing(listing)
-    return listing
 
 
 # ----------------------------------------------------------------------------- content
@@ -287,7 +178,7 @@ class Outcome:
 class Rig:
     """What a domain test works with (see the module docstring)."""
 
-    daemon: DaemonWindow
+    daemon: DaemonWindow  # the module's daemon as this test sees it
     mounts: MountTable
     kmsg: object
     artifacts: Path
@@ -399,7 +290,7 @@ class Rig:
             if predicted is not None:
                 out.append(listing.expected_vs_actual(predicted).render())
             out.append(listing.render())
-        out.append(self.daemon.render(since=requests_since))
+        out.append(self.daemon.render(last=60, since=requests_since))
         log = [str(line) for line in self.kmsg.lines()][-30:]
         out.append("kernel log (last lines of this test):\n" + "\n".join(log))
         return "\n\n".join(out)
@@ -477,7 +368,7 @@ class Rig:
         self._expect_requests(rule, ("OPEN", "CLOSE"), since, timeout, settle=settle)
 
     def cache_listing(self, volumes: Iterable[str] | None = None) -> CacheDirListing:
-        return scan_volumes(self.cache_dir, self.volumes_used() if volumes is None else volumes)
+        return CacheDirListing.scan(self.cache_dir, self.volumes_used() if volumes is None else volumes)
 
     def expect_cache_files(self, rule: str, *, volumes: Iterable[str] | None = None,
                            sizes: dict[str, int] | None = None, timeout: float = 5.0) -> CacheDirListing:

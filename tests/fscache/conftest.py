@@ -1,6 +1,13 @@
-"""Every test here runs as root on a kernel with the on-demand features (in a VM)."""
+"""Every test here runs as root on a kernel with the on-demand features (in a VM).
 
+Fixtures of every test family: the module's shared daemon (`shared_daemon`) and a test's view
+of it (`rig` for the domain tests, `env` for the fault tests); daemons a test starts itself
+(`daemons`, `plain_mounts`). The pieces are in fixtures/daemons.py.
+"""
+
+import contextlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -41,101 +48,120 @@ def tiny_images(images):
     return tiny
 
 
-class ModuleRig:
-    """One cache filesystem and one on-demand daemon for a whole test module (see
-    tests/fscache/checks.py); restarted if a test's watchdog killed the daemon."""
-
-    def __init__(self, workdir: Path):
-        from fixtures.cache import CacheFs
-        from fixtures.plugin import unique
-
-        self.workdir = workdir
-        self.cache_fs = CacheFs.create(unique("dcache"), 256)
-        self.daemon = None
-        try:
-            self.start()
-        except Exception:
-            self.cache_fs.destroy()
-            raise
-
-    def start(self) -> None:
-        from fixtures.ondemand.process import DaemonProcess
-        from fixtures.plugin import unique
-
-        # --fill-granularity 4096: the daemon writes exactly what a READ asks for, so the READs
-        # of a blob show which ranges the kernel fetched, and how often.
-        self.daemon = DaemonProcess(cache_dir=self.cache_fs.mountpoint, workdir=self.workdir, tag=unique("d"),
-                                    extra_args=["--fill-granularity", "4096"])
-        self.served = {}  # what the daemon serves: cookie name -> path (see DaemonWindow.serve_blob)
-        self.daemon.start()
-
-    def ensure(self) -> None:
-        from fixtures.cache import wait_withdrawn
-
-        if self.daemon.alive:
-            return
-        self.daemon.stop()
-        wait_withdrawn(self.daemon.tag)
-        self.start()
-
-    def close(self) -> None:
-        from fixtures.cache import wait_withdrawn
-
-        try:
-            if self.daemon is not None:
-                self.daemon.stop()
-                wait_withdrawn(self.daemon.tag)
-        finally:
-            self.cache_fs.destroy()
-
-
+# ----------------------------------------------------------------- the module's daemon
 @pytest.fixture(scope="module")
-def domain_rig(require, request):
-    """The module's cache and daemon.  Its logs live in the guest's /tmp (a request log on
-    the 9p results directory slows every request down) and are copied to
-    results/tests/<module>-daemon/ at the end; each test saves its own slice as well."""
-    import shutil
+def shared_daemon(request, require):
+    """One cache and one on-demand daemon for the whole module (fixtures/daemons.py), behind
+    `rig` and `env`. Module attributes: SHARED_DAEMON_ARGS (default: --fill-granularity 4096,
+    so the daemon writes exactly what a READ asks for and the READs of a blob show which ranges
+    the kernel fetched) and SHARED_CACHE_MIB (default 256)."""
+    from fixtures.daemons import SharedDaemon, work_dir
+    from fixtures.plugin import test_dir
 
-    from fixtures.cache import WORK
-    from fixtures.plugin import RESULTS, unique
-
-    require.domain()
-    require.stats()
-    stem = Path(request.node.nodeid).stem + "-daemon"
-    workdir = WORK / unique(stem)
-    workdir.mkdir(parents=True, exist_ok=True)
-    rig = ModuleRig(workdir)
-    yield rig
+    require.ondemand()
+    stem = Path(str(request.module.__file__)).stem
+    sd = SharedDaemon(stem, list(getattr(request.module, "SHARED_DAEMON_ARGS", ["--fill-granularity", "4096"])),
+                      int(getattr(request.module, "SHARED_CACHE_MIB", 256)), work_dir(f"{stem}-daemon-"),
+                      test_dir(f"{stem}::shared-daemon"))
     try:
-        rig.close()
+        sd.start()
+        yield sd
     finally:
-        dest = RESULTS / "tests" / stem
-        dest.mkdir(parents=True, exist_ok=True)
-        for f in workdir.iterdir():
-            shutil.copyfile(f, dest / f.name)
-        shutil.rmtree(workdir, ignore_errors=True)
+        sd.close()
+
+
+@contextlib.contextmanager
+def _test_of_shared_daemon(shared_daemon, kmsg, artifacts, prefix: str):
+    """The module's daemon as this test sees it (its requests only) and the test's mounts.
+    Teardown: unmount, then `end_test`; whatever went wrong fails this test."""
+    from fixtures.daemons import end_test
+    from fixtures.mounts import MountTable
+    from fixtures.plugin import WATCHDOG, unique
+
+    window = shared_daemon.window()
+    WATCHDOG.register(window.kill)
+    table = MountTable(root=Path("/tmp/erofs-fscache-tests/mnt") / unique(prefix), kmsg=kmsg)
+    yield window, table
+    errors = [f"unmount failed at teardown: {e}" for e in table.close()]
+    errors += end_test(window, artifacts / "daemon-requests.jsonl")
+    if errors:
+        pytest.fail("teardown of the shared daemon's test:\n" + "\n".join(errors), pytrace=False)
 
 
 @pytest.fixture
-def rig(domain_rig, kmsg, artifacts):
-    """This test's view of the module's daemon, its mounts (unmounted at teardown), an Oracle,
-    and unique names; its slice of the daemon log goes to its artifacts directory."""
-    from fixtures.mounts import MountTable
-    from fixtures.plugin import WATCHDOG, unique
-    from tests.fscache.checks import DaemonWindow, Rig
+def rig(require, shared_daemon, kmsg, artifacts):
+    """A domain test's view of the module's daemon, its mounts (unmounted at teardown), an
+    Oracle, and unique names (tests/fscache/checks.py)."""
+    from fixtures.plugin import unique
+    from tests.fscache.checks import Rig
 
-    domain_rig.ensure()
-    WATCHDOG.register(domain_rig.daemon.kill)
-    table = MountTable(root=Path("/tmp/erofs-fscache-tests/mnt") / unique("t"), kmsg=kmsg)
-    r = Rig(DaemonWindow(domain_rig.daemon, served=domain_rig.served), table, kmsg, artifacts, unique)
-    r.before = r.snapshot()
-    yield r
+    require.domain()
+    require.stats()
+    with _test_of_shared_daemon(shared_daemon, kmsg, artifacts, "t") as (window, table):
+        r = Rig(window, table, kmsg, artifacts, unique)
+        r.before = r.snapshot()
+        yield r
+
+
+@dataclass
+class FaultEnv:
+    """What a fault test of the module's daemon gets: its window (control channel, this test's
+    requests), mounts, the kernel log and the artifacts directory."""
+
+    window: object  # fixtures.daemons.DaemonWindow
+    mounts: object  # fixtures.mounts.MountTable
+    kmsg: object
+    artifacts: Path
+
+    @property
+    def control(self):
+        return self.window.control
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.window.cache_dir
+
+    def requests(self, op: str | None = None) -> list[dict]:
+        return self.window.requests(op=op)
+
+    def render(self, last: int = 40) -> str:
+        return self.window.render(last)
+
+    def serve(self, image, fsid: str | None = None, devices: dict[str, str] | None = None) -> str:
+        """Serve `image` under `fsid` (default: a unique name); returns the fsid."""
+        return self.window.serve_image(image, fsid, devices)
+
+    def serve_file(self, name: str, path: Path) -> str:
+        return self.window.serve_blob(name, path)
+
+
+@pytest.fixture
+def env(shared_daemon, kmsg, artifacts):
+    with _test_of_shared_daemon(shared_daemon, kmsg, artifacts, "f") as (window, table):
+        yield FaultEnv(window, table, kmsg, artifacts)
+
+
+# ----------------------------------------------------------------- daemons of one test
+@pytest.fixture
+def daemons(cache_fs, artifacts):
+    """Daemons the test starts (and kills) itself, on its own cache (fixtures/daemons.py)."""
+    from fixtures.daemons import Daemons, work_dir
+    from fixtures.plugin import WATCHDOG
+
+    d = Daemons(Path(cache_fs.mountpoint), artifacts, work_dir("d-"), WATCHDOG)
+    yield d
+    d.close()
+
+
+@pytest.fixture
+def plain_mounts(daemons, kmsg):
+    """A MountTable torn down before `daemons` (so mounts go before their daemons)."""
+    from fixtures.mounts import MountTable
+    from fixtures.plugin import unique
+
+    table = MountTable(root=Path("/tmp/erofs-fscache-tests/mnt") / unique("p"), kmsg=kmsg)
+    yield table
     errors = table.close()
-    try:
-        if domain_rig.daemon.alive:
-            r.daemon.wait_idle(timeout=10)
-    finally:
-        r.daemon.save(artifacts / "daemon-requests.jsonl")
     if errors:
         pytest.fail("unmount failed at teardown:\n" + "\n".join(errors), pytrace=False)
 

@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (fixtures imported from helpers_faults are redefined as arguments)
 """Bad mount options and bad images: each must fail with its documented errno and log line
 (or work, where the kernel copes), never oops, and leave nothing behind.
 
@@ -26,22 +25,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers_faults import (  # noqa: F401  (fixtures are used by name)
-    S_IFMT,
-    S_IFREG,
-    ErofsMeta,
+
+from fixtures.erofs_format import S_IFMT, S_IFREG, ErofsMeta
+from fixtures.mounts import FS_IOC_GETFSSYSFSPATH, MountError, sysfs_name
+from fixtures.observe.cachedir import CacheDirListing, predict_path
+from fixtures.plugin import unique
+from tests.fscache.helpers_faults import (
     Row,
-    env,
     errname,
     errnames,
     mkfs_tree,
     readable,
-    shared_daemon,
 )
-
-from fixtures.mounts import FS_IOC_GETFSSYSFSPATH, MountError, sysfs_name
-from fixtures.observe.cachedir import CacheDirListing, predict_path
-from fixtures.plugin import unique
 
 SHARED_DAEMON_ARGS: list[str] = []
 SHARED_CACHE_MIB = 64

@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (fixtures imported from helpers_faults are redefined as arguments)
 """A cache too small for the blob (docs/protocol.md#read-and-read_complete for the anon-fd writes,
 docs/observables.md#culling for cull and inuse).
 
@@ -24,20 +23,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers_faults import (  # noqa: F401  (fixtures are used by name)
+
+from fixtures.observe.cachedir import CacheDirListing, predict_path
+from fixtures.plugin import unique
+from tests.fscache.helpers_faults import (
     Row,
-    daemons,
     errname,
     fscache_stats,
     mkfs_tree,
-    plain_mounts,
     serve,
     stat_delta,
     table,
 )
-
-from fixtures.observe.cachedir import CacheDirListing, predict_path
-from fixtures.plugin import unique
 
 CACHE_MIB = 8
 BIG_MIB = 12

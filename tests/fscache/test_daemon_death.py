@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (fixtures imported from helpers_faults are redefined as arguments)
 """The daemon dies (docs/protocol.md#daemon-death, #restore): nothing may hang, nothing may return wrong data.
 
 DEATH_CASES: killed (SIGKILL, SIGTERM, os._exit at the next request) with READs or an OPEN in
@@ -25,22 +24,20 @@ import time
 from dataclasses import dataclass
 
 import pytest
-from helpers_faults import (  # noqa: F401  (fixtures are used by name)
-    Reader,
-    Row,
-    daemons,
-    errname,
-    errnames,
-    plain_mounts,
-    serve,
-    table,
-    wait_for,
-)
 
 from fixtures.cache import wait_withdrawn
 from fixtures.mounts import MountError
 from fixtures.observe import procfs
 from fixtures.plugin import unique
+from tests.fscache.helpers_faults import (
+    Reader,
+    Row,
+    errname,
+    errnames,
+    serve,
+    table,
+    wait_for,
+)
 
 FILL = ("--fill-granularity", "4096")  # exact READs: data stays uncached until read
 DEATH_BOUND = 15.0  # seconds from the death to the blocked callers' return (TCG is slow)

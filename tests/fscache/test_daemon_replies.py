@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (fixtures imported from helpers_faults are redefined as arguments)
 """What the kernel does with bad or unlucky daemon replies (docs/protocol.md: copen, READ_COMPLETE,
 anon fds, restore).
 
@@ -20,21 +19,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
-from helpers_faults import (  # noqa: F401  (fixtures are used by name)
-    Reader,
-    Row,
-    env,
-    errname,
-    errnames,
-    fscache_stats,
-    shared_daemon,
-    stat_delta,
-    wait_for,
-)
 
 from fixtures.kernel import detect
 from fixtures.mounts import MountError
 from fixtures.observe.cachedir import CacheDirListing, predict_path
+from tests.fscache.helpers_faults import (
+    Reader,
+    Row,
+    errname,
+    errnames,
+    fscache_stats,
+    stat_delta,
+    wait_for,
+)
 
 SHARED_DAEMON_ARGS = ["--fill-granularity", "4096"]
 SHARED_CACHE_MIB = 64

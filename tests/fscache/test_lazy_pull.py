@@ -77,11 +77,17 @@ def registry(net, _network_rig, artifacts):
     server.client.clear_faults()
     server.client.reset()
     yield server
+    errors = []
     try:
         (artifacts / "blobserver-stats.json").write_text(json.dumps(server.client.stats(), indent=1))
-    except Exception as e:  # noqa: BLE001 - artifacts are best effort
-        (artifacts / "blobserver-stats.json").write_text(json.dumps({"error": str(e)}))
-    server.client.clear_faults()  # releases stalled handlers before the next test
+    except Exception as e:  # noqa: BLE001 - reported below, after the faults are cleared
+        errors.append(f"blob server stats at teardown: {type(e).__name__}: {e}")
+    try:
+        server.client.clear_faults()  # releases stalled handlers before the next test
+    except Exception as e:  # noqa: BLE001 - reported below
+        errors.append(f"blob server clear_faults at teardown: {type(e).__name__}: {e}")
+    if errors:
+        pytest.fail("\n".join(errors) + f"\nserver alive: {server.alive}", pytrace=False)
 
 
 @pytest.fixture
@@ -139,13 +145,16 @@ def explain(registry, daemon, net=None, served: list[Served] | tuple = (), last:
                    + tabulate(rows, headers=["method", "blob", "range", "status", "bytes", "fault", "error"]))
     except Exception as e:  # noqa: BLE001
         out.append(f"blob server counters unavailable: {e}")
-    reqs = daemon.requests()
+    reqs, unparsable = daemon.window().read()
     rows = [(r.get("op"), r.get("msg_id"), r.get("cookie_key"), r.get("off"), r.get("len"), r.get("bytes_written"),
              r.get("fetch_range"), r.get("fetched"), r.get("fetch_s"), r.get("errno"),
              (r.get("error") or r.get("note") or "")[:90]) for r in reqs[-last:]]
     out.append(f"daemon requests ({len(reqs)} in all, last {len(rows)}; alive: {daemon.alive}):\n"
                + tabulate(rows, headers=["op", "msg", "cookie", "off", "len", "written", "fetch", "fetched",
                                          "fetch s", "errno", "error / note"]))
+    if unparsable:
+        out.append(f"{len(unparsable)} line(s) of the daemon's request log are not entries:\n"
+                   + "\n".join(f"  {line[:300]!r}" for line in unparsable[:20]))
     if net is not None:
         out.append("link:\n" + tabulate(net.describe()))
     return "\n\n".join(out)

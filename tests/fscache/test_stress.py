@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (fixtures imported from helpers_faults are redefined as arguments)
 """Concurrency, bounded in time and iterations (then the autouse leak check).
 
 * Mount churn in one domain: K threads mount and unmount members of a domain (all sharing one
@@ -19,18 +18,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from helpers_faults import (  # noqa: F401  (fixtures are used by name)
-    Reader,
-    Row,
-    env,
-    errname,
-    shared_daemon,
-    table,
-)
-
 from fixtures.mounts import MS_RDONLY, build_options, sys_mount, umount_when_idle
 from fixtures.plugin import unique
 from fixtures.race import Attempts, Span, Timeline, overlaps
+from tests.fscache.helpers_faults import (
+    Reader,
+    Row,
+    errname,
+    table,
+)
 
 SHARED_DAEMON_ARGS: list[str] = []
 SHARED_CACHE_MIB = 64

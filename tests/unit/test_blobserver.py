@@ -6,11 +6,9 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,13 +33,6 @@ from fixtures.process_utils import cmd
 
 REPO = Path(__file__).resolve().parents[2]
 SIZE = 100_000
-
-
-@pytest.fixture
-def sockdir():
-    d = tempfile.mkdtemp(prefix="bs-", dir="/tmp")  # AF_UNIX paths must stay short
-    yield Path(d)
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

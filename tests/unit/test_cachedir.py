@@ -218,3 +218,16 @@ class TestListing:
     def test_empty_root(self, tmp_path):
         listing = CacheDirListing.scan(tmp_path)
         assert listing.files == () and listing.expected_vs_actual([]).ok
+
+
+def test_scan_of_some_volumes_only(tmp_path):
+    for vol, cookie in (("erofs,a", "x"), ("erofs,b", "y")):
+        f = tmp_path / predict_path(vol, cookie)
+        f.parent.mkdir(parents=True)
+        f.write_bytes(b"d")
+    (tmp_path / "graveyard").mkdir()
+    (tmp_path / "graveyard" / "old").write_bytes(b"")
+    some = CacheDirListing.scan(tmp_path, volume_keys=["erofs,a", "erofs,missing"])
+    assert some.paths() == {predict_path("erofs,a", "x")}
+    assert [g.name for g in some.graveyard] == ["old"]
+    assert CacheDirListing.scan(tmp_path).paths() == {predict_path("erofs,a", "x"), predict_path("erofs,b", "y")}

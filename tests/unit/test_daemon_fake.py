@@ -1,31 +1,17 @@
-"""OnDemandDaemon against a fake /dev/cachefiles (no kernel support needed).
-
-The fake device is a SOCK_SEQPACKET socketpair: each send() is one request
-message for the daemon's read(), each of the daemon's write()s (commands,
-copen) arrives as one packet.  Anonymous fds are real fds of this process (the
-daemon runs in a thread) or, for the CLI tests, fds passed to the child at the
-same number; READ targets are O_DIRECT files, so alignment mistakes fail the
-way they would on the kernel's anon fd.
-"""
+"""OnDemandDaemon against a fake /dev/cachefiles (tests/unit/fake_device.py; no kernel
+support needed)."""
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import io
 import json
 import os
-import queue
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
@@ -36,184 +22,20 @@ from fixtures.ondemand.client import (
     DaemonControlError,
     DaemonDeadError,
     DaemonStartError,
-    read_request_log,
     wait_ready,
 )
-from fixtures.ondemand.daemon import OnDemandDaemon
+from fixtures.ondemand.reqlog import read_request_log
 from fixtures.process_utils import cmd, wait_for
-
-REPO = Path(__file__).resolve().parents[2]
-DAEMON = REPO / "tools" / "ondemand-daemon"
-PAGE = 4096
-
-
-# --------------------------------------------------------------------------- helpers
-
-class FakeKernel:
-    """Plays the kernel side of /dev/cachefiles."""
-
-    def __init__(self):
-        self.sock, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.dev_fd = peer.detach()
-        self.sock.settimeout(5)
-        self._msg_id = 0
-        self._object_id = 0
-
-    def _next_msg(self) -> int:
-        self._msg_id += 1
-        return self._msg_id - 1
-
-    def send(self, data: bytes) -> None:
-        self.sock.send(data)
-
-    def recv(self) -> bytes:
-        return self.sock.recv(8192)
-
-    def expect_nothing(self, wait: float = 0.3) -> None:
-        self.sock.settimeout(wait)
-        try:
-            with pytest.raises(TimeoutError):
-                self.recv()
-        finally:
-            self.sock.settimeout(5)
-
-    def open(self, cookie: str | bytes, fd: int, volume: str = "erofs,dom") -> tuple[int, int]:
-        self._object_id += 1
-        msg_id = self._next_msg()
-        self.send(P.encode_open(msg_id, self._object_id, volume, cookie, fd))
-        return msg_id, self._object_id
-
-    def read(self, object_id: int, off: int, length: int) -> int:
-        msg_id = self._next_msg()
-        self.send(P.encode_read(msg_id, object_id, off, length))
-        return msg_id
-
-    def close(self, object_id: int) -> int:
-        msg_id = self._next_msg()
-        self.send(P.encode_close(msg_id, object_id))
-        return msg_id
-
-
-def pipe_anon() -> tuple[int, int]:
-    """(reader, anon fd): the reader sees EOF once the daemon closed the anon fd."""
-    r, w = os.pipe()
-    os.set_blocking(r, False)
-    os.set_inheritable(w, True)  # like the kernel's anon fd: no O_CLOEXEC
-    return r, w
-
-
-def anon_closed(reader: int) -> bool:
-    try:
-        return os.read(reader, 1) == b""
-    except BlockingIOError:
-        return False
-
-
-def file_anon(path: Path) -> int:
-    """A direct-I/O file standing in for the anon fd of a cache file."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)
-    os.set_inheritable(fd, True)
-    return fd
-
-
-class _PyBuffer(ctypes.Structure):
-    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p), ("len", ctypes.c_ssize_t),
-                ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
-                ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
-                ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p)]
-
-
-def buffer_address(obj) -> int:
-    view = _PyBuffer()
-    if ctypes.pythonapi.PyObject_GetBuffer(ctypes.py_object(obj), ctypes.byref(view), 0):
-        raise OSError("PyObject_GetBuffer failed")
-    try:
-        return view.buf
-    finally:
-        ctypes.pythonapi.PyBuffer_Release(ctypes.byref(view))
-
-
-@dataclass
-class Harness:
-    daemon: OnDemandDaemon
-    kernel: FakeKernel
-    ctl: DaemonControl
-    log_path: Path
-    tmp: Path
-    thread: threading.Thread
-    ready: io.StringIO
-    completions: queue.Queue = field(default_factory=queue.Queue)
-    exits: list = field(default_factory=list)
-
-    def entries(self, op: str | None = None) -> list[dict]:
-        return [e for e in read_request_log(self.log_path) if op is None or e["op"] == op]
-
-    def completion(self, timeout: float = 5.0) -> tuple[int, int]:
-        return self.completions.get(timeout=timeout)
-
-    def stop(self) -> None:
-        self.daemon.stop()
-        self.thread.join(10)
-        assert not self.thread.is_alive()
-
-
-@pytest.fixture
-def sockdir():
-    d = tempfile.mkdtemp(prefix="od-", dir="/tmp")  # AF_UNIX paths must stay short
-    yield Path(d)
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-def blobs(tmp_path):
-    d = tmp_path / "blobs"
-    d.mkdir()
-    data = {"blob1": os.urandom(10000), "blob2": os.urandom(3 * PAGE), "big": os.urandom(3 * 2**20 + 123)}
-    for name, content in data.items():
-        (d / name).write_bytes(content)
-    return d, data
-
-
-@pytest.fixture
-def start(tmp_path, sockdir, blobs):
-    """start(**daemon_kwargs) -> Harness with the daemon bound to a FakeKernel."""
-    started = []
-
-    def _start(**kwargs) -> Harness:
-        kernel = FakeKernel()
-        cache = tmp_path / "cache"
-        cache.mkdir(exist_ok=True)
-        completions: queue.Queue = queue.Queue()
-        exits: list = []
-        opts = {"tag": "t", "blobs_dir": str(blobs[0]), "log_path": str(tmp_path / "requests.jsonl"),
-                "control_path": str(sockdir / "ctl"), "dev_fd": kernel.dev_fd, "fill_granularity": 4 * PAGE,
-                "read_complete": lambda fd, msg_id: completions.put((fd, msg_id)), "exit_fn": exits.append}
-        opts.update(kwargs)
-        daemon = OnDemandDaemon(str(cache), **opts)
-        out = io.StringIO()
-        thread = threading.Thread(target=daemon.run, args=(out,), daemon=True)
-        thread.start()
-        h = Harness(daemon, kernel, DaemonControl(opts["control_path"], timeout=10),
-                    Path(opts["log_path"]), tmp_path, thread, out, completions, exits)
-        started.append(h)
-        wait_for(lambda: (out.getvalue(), thread.is_alive()), what="the daemon's READY line (or its end)",
-                 timeout=5, step=0.01, until=lambda v: "\n" in v[0] or not v[1])
-        return h
-
-    yield _start
-    for h in started:
-        h.stop()
-
-
-@pytest.fixture
-def h(start) -> Harness:
-    h = start()
-    assert h.ready.getvalue() == f"READY {os.getpid()}\n"
-    if not h.daemon._dev_bound:
-        assert [h.kernel.recv() for _ in range(3)] == [
-            f"dir {h.tmp / 'cache'}".encode(), b"tag t", b"bind ondemand"]
-    return h
-
+from tests.unit.fake_device import (
+    DAEMON,
+    PAGE,
+    REPO,
+    FakeKernel,
+    anon_closed,
+    buffer_address,
+    file_anon,
+    pipe_anon,
+)
 
 # --------------------------------------------------------------------------- startup
 
@@ -255,12 +77,7 @@ def test_open_known_blob_copens_its_size_and_sets_cloexec(h):
 
 
 def test_open_unknown_blob_fails_with_enoent_and_closes_fd(h):
-    reader, anon = pipe_anon()
-    msg_id, _ = h.kernel.open("nosuchblob", anon)
-    assert h.kernel.recv() == b"copen %d,-2" % msg_id
-    h.ctl.wait_idle()
-    assert anon_closed(reader)
-    assert h.ctl.status()["objects"] == {}
+    assert h.open_failed("nosuchblob") == b"copen {id},-2"
 
 
 def test_close_releases_the_anon_fd(h):
@@ -498,12 +315,7 @@ def test_copen_raw_rejected_falls_back_to_a_proper_copen(h):
 
 def test_copen_raw_bad_size_fails_the_open_and_closes_fd(h):
     h.ctl.copen_raw("copen {id},abc", once=True)
-    reader, anon = pipe_anon()
-    msg_id, _ = h.kernel.open("blob1", anon)
-    assert h.kernel.recv() == b"copen %d,abc" % msg_id
-    h.ctl.wait_idle()
-    assert anon_closed(reader)
-    assert h.ctl.status()["objects"] == {}
+    assert h.open_failed("blob1") == b"copen {id},abc"
 
 
 def test_fail_read_skip_data_completes_without_writing(h):
@@ -554,23 +366,6 @@ def test_delay_open(h):
     h.kernel.open("blob1", anon)
     h.kernel.recv()
     assert time.monotonic() - t0 >= 0.35
-
-
-def test_close_anon_early_is_always_one_shot(h):
-    h.ctl.close_anon_early(cookie="blob1")
-    assert h.ctl.status()["faults"][0]["once"] is True
-    reader, anon = pipe_anon()
-    msg_id, _ = h.kernel.open("blob1", anon)
-    assert h.kernel.recv() == b"copen %d,10000" % msg_id
-    h.ctl.wait_idle()
-    assert anon_closed(reader)
-    assert h.ctl.status()["objects"] == {} and h.ctl.status()["faults"] == []
-    reader, anon = pipe_anon()
-    _, obj = h.kernel.open("blob1", anon)   # the kernel's re-open keeps its fd
-    h.kernel.recv()
-    h.ctl.wait_idle()
-    assert not anon_closed(reader)
-    assert h.ctl.status()["objects"] == {str(obj): "blob1"}
 
 
 def test_exit_abruptly_at_next_request(h):

@@ -1,5 +1,5 @@
 """The daemon hooks the fault tests (tests/fscache/test_daemon_replies.py) rely on, against the
-fake /dev/cachefiles of test_daemon_fake.py: close-before-copen, copen twice, EMFILE starvation,
+fake /dev/cachefiles of fake_device.py: close-before-copen, copen twice, EMFILE starvation,
 pwrite/ioctl probes and answering held-back READs late."""
 
 from __future__ import annotations
@@ -8,25 +8,35 @@ import errno
 import os
 import resource
 
-from test_daemon_fake import PAGE, anon_closed, blobs, file_anon, h, pipe_anon, sockdir, start  # noqa: F401
+import pytest
 
-from fixtures.ondemand import daemon as daemon_mod
+from fixtures.ondemand import faults
+from tests.unit.fake_device import PAGE, anon_closed, file_anon, pipe_anon
 
 
-def test_close_anon_before_copen_closes_then_answers(h):  # noqa: F811
-    h.ctl.close_anon_before_copen(cookie="blob1")
+@pytest.mark.parametrize("fault", ["close_anon_before_copen", "close_anon_early"])
+def test_a_fault_closing_the_anon_fd_acts_once_around_the_copen(h, fault):
+    """Before the copen the kernel fails the OPEN with EBADFD; right after it, the kernel
+    re-opens the object. Either way the fault acts once: the next OPEN keeps its fd."""
+    getattr(h.ctl, fault)(cookie="blob1")
     assert h.ctl.status()["faults"][0]["once"] is True
     reader, anon = pipe_anon()
     msg_id, _ = h.kernel.open("blob1", anon)
     assert h.kernel.recv() == b"copen %d,10000" % msg_id
     h.ctl.wait_idle()
     assert anon_closed(reader)
-    assert h.ctl.status()["objects"] == {}   # the kernel fails this OPEN with EBADFD
+    assert h.ctl.status()["objects"] == {} and h.ctl.status()["faults"] == []
     (entry,) = h.entries("OPEN")
-    assert entry["fault"] == "close_anon_before_copen" and entry["write_errnos"] == [0]
+    assert entry["fault"] == fault and entry["write_errnos"] == [0]
+    reader, anon = pipe_anon()
+    _, obj = h.kernel.open("blob1", anon)
+    h.kernel.recv()
+    h.ctl.wait_idle()
+    assert not anon_closed(reader)
+    assert h.ctl.status()["objects"] == {str(obj): "blob1"}
 
 
-def test_copen_twice_writes_the_reply_again(h):  # noqa: F811
+def test_copen_twice_writes_the_reply_again(h):
     h.ctl.copen_twice(cookie="blob1")
     _reader, anon = pipe_anon()
     msg_id, obj = h.kernel.open("blob1", anon)
@@ -39,7 +49,7 @@ def test_copen_twice_writes_the_reply_again(h):  # noqa: F811
 
 def test_starve_fds_makes_the_next_fd_allocation_fail():
     before = resource.getrlimit(resource.RLIMIT_NOFILE)
-    saved = daemon_mod._starve_fds()
+    saved = faults.starve_fds()
     try:
         try:
             fd = os.dup(0)
@@ -49,12 +59,12 @@ def test_starve_fds_makes_the_next_fd_allocation_fail():
             os.close(fd)
             err = 0
     finally:
-        daemon_mod._restore_fds(saved)
+        faults.restore_fds(saved)
     assert err == errno.EMFILE
     assert resource.getrlimit(resource.RLIMIT_NOFILE) == before
 
 
-def test_emfile_fault_is_one_shot(h):  # noqa: F811
+def test_emfile_fault_is_one_shot(h):
     h.ctl.emfile()
     assert h.ctl.status()["faults"] == [{"name": "emfile", "cookie": None, "once": True}]
     _reader, anon = pipe_anon()
@@ -64,7 +74,7 @@ def test_emfile_fault_is_one_shot(h):  # noqa: F811
     assert h.ctl.status()["faults"] == []
 
 
-def test_probe_pwrite_writes_the_blob_bytes(h, blobs):  # noqa: F811
+def test_probe_pwrite_writes_the_blob_bytes(h, blobs):
     anon = file_anon(h.tmp / "obj")
     h.kernel.open("blob2", anon)
     h.kernel.recv()
@@ -76,7 +86,7 @@ def test_probe_pwrite_writes_the_blob_bytes(h, blobs):  # noqa: F811
     assert (probe["off"], probe["len"], probe["bytes_written"]) == (PAGE, PAGE, PAGE)
 
 
-def test_probe_read_complete_and_serve_ignored(h, blobs):  # noqa: F811
+def test_probe_read_complete_and_serve_ignored(h, blobs):
     anon = file_anon(h.tmp / "obj")
     _, obj = h.kernel.open("blob2", anon)
     h.kernel.recv()

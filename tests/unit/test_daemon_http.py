@@ -17,16 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import test_daemon_fake as fake
-from test_daemon_fake import DAEMON, PAGE, anon_closed, file_anon, pipe_anon
 
 from fixtures.blobserver import BlobServer, BlobServerClient, publish
 from fixtures.ondemand.__main__ import build_parser
 from fixtures.ondemand.client import DaemonControlError
 from fixtures.process_utils import cmd
-
-# The fake-kernel fixtures of test_daemon_fake: `start(**daemon_kwargs)` -> Harness.
-blobs, sockdir, start = fake.blobs, fake.sockdir, fake.start
+from tests.unit.fake_device import DAEMON, PAGE, anon_closed, file_anon, pipe_anon
 
 BIG = 300_000          # not a page multiple: the last page is partial
 GRANULE = 16 * PAGE    # --fetch-granularity in these tests

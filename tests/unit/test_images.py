@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from fixtures import images
+from fixtures.erofs_format import EROFS_MAGIC, EROFS_SUPER_OFFSET, parse_superblock, read_superblock
 from fixtures.erofs_tools import Tools
 from fixtures.images import (
     BLOCK_SIZE,
@@ -34,8 +35,6 @@ from fixtures.images import (
     parse_dump_inode,
     parse_dump_ls,
     parse_dump_superblock,
-    parse_superblock,
-    read_superblock,
     run_fsck,
 )
 from fixtures.process_utils import cmd
@@ -236,8 +235,8 @@ def test_mismatch_text():
 
 def _fake_image(tags: list[bytes], uuid_: uuid.UUID) -> bytes:
     data = bytearray(4096)
-    sb = images.EROFS_SUPER_OFFSET
-    data[sb : sb + 4] = images.EROFS_MAGIC.to_bytes(4, "little")
+    sb = EROFS_SUPER_OFFSET
+    data[sb : sb + 4] = EROFS_MAGIC.to_bytes(4, "little")
     data[sb + 12] = 12
     data[sb + 48 : sb + 64] = uuid_.bytes
     data[sb + 64 : sb + 69] = b"label"

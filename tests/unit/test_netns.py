@@ -11,13 +11,10 @@ from __future__ import annotations
 import errno
 import http.client
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
@@ -81,13 +78,6 @@ def net(usable):
     with VethNamespace.create() as n:
         yield n
     assert not any(n.exists().values()), n.exists()
-
-
-@pytest.fixture
-def sockdir():
-    d = tempfile.mkdtemp(prefix="ns-", dir="/tmp")
-    yield Path(d)
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def addresses(ipr, ifname: str) -> list[str]:

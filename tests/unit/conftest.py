@@ -1,0 +1,79 @@
+"""Fixtures of the daemon's unit tests: a daemon (in a thread) on the fake device of
+fake_device.py, with blobs and a control socket."""
+
+from __future__ import annotations
+
+import io
+import os
+import queue
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from fixtures.ondemand.client import DaemonControl
+from fixtures.ondemand.daemon import OnDemandDaemon
+from tests.unit.fake_device import PAGE, FakeKernel, Harness
+
+
+@pytest.fixture
+def sockdir():
+    """A fresh directory for Unix sockets (AF_UNIX paths must stay short: not under tmp_path)."""
+    d = tempfile.mkdtemp(prefix="sock-", dir="/tmp")
+    yield Path(d)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def blobs(tmp_path):
+    d = tmp_path / "blobs"
+    d.mkdir()
+    data = {"blob1": os.urandom(10000), "blob2": os.urandom(3 * PAGE), "big": os.urandom(3 * 2**20 + 123)}
+    for name, content in data.items():
+        (d / name).write_bytes(content)
+    return d, data
+
+
+@pytest.fixture
+def start(tmp_path, sockdir, blobs):
+    """start(**daemon_kwargs) -> Harness with the daemon bound to a FakeKernel."""
+    started = []
+
+    def _start(**kwargs) -> Harness:
+        kernel = FakeKernel()
+        cache = tmp_path / "cache"
+        cache.mkdir(exist_ok=True)
+        completions: queue.Queue = queue.Queue()
+        exits: list = []
+        opts = {"tag": "t", "blobs_dir": str(blobs[0]), "log_path": str(tmp_path / "requests.jsonl"),
+                "control_path": str(sockdir / "ctl"), "dev_fd": kernel.dev_fd, "fill_granularity": 4 * PAGE,
+                "read_complete": lambda fd, msg_id: completions.put((fd, msg_id)), "exit_fn": exits.append}
+        opts.update(kwargs)
+        daemon = OnDemandDaemon(str(cache), **opts)
+        out = io.StringIO()
+        thread = threading.Thread(target=daemon.run, args=(out,), daemon=True)
+        thread.start()
+        h = Harness(daemon, kernel, DaemonControl(opts["control_path"], timeout=10),
+                    Path(opts["log_path"]), tmp_path, thread, out, completions, exits)
+        started.append(h)
+        deadline = time.monotonic() + 5
+        while "\n" not in out.getvalue() and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return h
+
+    yield _start
+    for h in started:
+        h.stop()
+
+
+@pytest.fixture
+def h(start) -> Harness:
+    h = start()
+    assert h.ready.getvalue() == f"READY {os.getpid()}\n"
+    if not h.daemon.device.bound:
+        assert [h.kernel.recv() for _ in range(3)] == [
+            f"dir {h.tmp / 'cache'}".encode(), b"tag t", b"bind ondemand"]
+    return h
