@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from fixtures.paths import work_root
+
 
 @pytest.fixture(autouse=True)
 def _kernel_checks(kernel_checks):
@@ -88,13 +90,12 @@ def domain_rig(require, request):
     results/tests/<module>-daemon/ at the end; each test saves its own slice as well."""
     import shutil
 
-    from fixtures.cache import WORK
     from fixtures.plugin import RESULTS, unique
 
     require.domain()
     require.stats()
     stem = Path(request.node.nodeid).stem + "-daemon"
-    workdir = WORK / unique(stem)
+    workdir = work_root() / unique(stem)
     workdir.mkdir(parents=True, exist_ok=True)
     rig = ModuleRig(workdir)
     yield rig
@@ -118,7 +119,7 @@ def rig(domain_rig, kmsg, artifacts):
 
     domain_rig.ensure()
     WATCHDOG.register(domain_rig.daemon.kill)
-    table = MountTable(root=Path("/tmp/erofs-fscache-tests/mnt") / unique("t"), kmsg=kmsg)
+    table = MountTable(root=work_root() / "mnt" / unique("t"), kmsg=kmsg)
     r = Rig(DaemonWindow(domain_rig.daemon, served=domain_rig.served), table, kmsg, artifacts, unique)
     r.before = r.snapshot()
     yield r

@@ -37,6 +37,7 @@ from pathlib import Path
 import pytest
 from tabulate import tabulate
 
+from fixtures.paths import work_root
 from fixtures.plugin import WATCHDOG, test_dir, unique
 
 REPO = Path(__file__).resolve().parents[2]
@@ -280,9 +281,7 @@ class SharedDaemon:
 def work_dir(stem: str) -> Path:
     """A directory in the guest's /tmp for daemon logs: a request log on the 9p results
     directory slows every request down. `save_logs` copies it to the results afterwards."""
-    from fixtures.cache import WORK
-
-    d = WORK / unique(stem)
+    d = work_root() / unique(stem)
     d.mkdir(parents=True, exist_ok=True)
     return d
 
@@ -365,7 +364,7 @@ def env(shared_daemon, kmsg, artifacts):
     shared_daemon.ensure_alive()
     WATCHDOG.register(shared_daemon.proc.kill)
     mark = len(shared_daemon.proc.requests())
-    table = MountTable(root=Path("/tmp/erofs-fscache-tests/mnt") / unique("f"), kmsg=kmsg)
+    table = MountTable(root=work_root() / "mnt" / unique("f"), kmsg=kmsg)
     e = FaultEnv(shared_daemon, table, kmsg, artifacts, mark)
     yield e
     errors = table.close()
@@ -413,7 +412,7 @@ class Daemons:
 
     def holder(self) -> str:
         """Start an fd holder (fixtures/ondemand/holder.py); returns its socket path."""
-        path = f"/tmp/erofs-fscache-tests/{unique('h')}.sock"
+        path = str(work_root() / f"{unique('h')}.sock")
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         proc = subprocess.Popen([sys.executable, "-m", "fixtures.ondemand.holder", "--socket", path], cwd=REPO,
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
@@ -458,7 +457,7 @@ def plain_mounts(daemons, kmsg):
     """A MountTable torn down before `daemons` (so mounts go before their daemons)."""
     from fixtures.mounts import MountTable
 
-    table = MountTable(root=Path("/tmp/erofs-fscache-tests/mnt") / unique("p"), kmsg=kmsg)
+    table = MountTable(root=work_root() / "mnt" / unique("p"), kmsg=kmsg)
     yield table
     errors = table.close()
     if errors:

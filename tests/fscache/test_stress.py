@@ -29,6 +29,7 @@ from helpers_faults import (  # noqa: F401  (fixtures are used by name)
 )
 
 from fixtures.mounts import MS_RDONLY, build_options, sys_mount, sys_umount
+from fixtures.paths import work_root
 from fixtures.plugin import unique
 
 SHARED_DAEMON_ARGS: list[str] = []
@@ -140,7 +141,7 @@ def test_domain_mount_churn_with_readers(env, tiny_images, kmsg, artifacts):
     names = {k: [unique(f"m{k}-") for _ in range(CHURN_ITERATIONS)] for k in range(CHURN_THREADS)}
     serve_members(env, image, blob, [anchor] + [n for v in names.values() for n in v])
     a = env.mounts.mount_erofs(anchor, domain_id=domain, devices=[blob])
-    root = Path("/tmp/erofs-fscache-tests/mnt") / unique("churn")
+    root = work_root() / "mnt" / unique("churn")
     tally = Tally()
     stop = threading.Event()
 
@@ -186,7 +187,7 @@ def test_last_member_leaves_while_another_joins(env, tiny_images, kmsg, artifact
     domain, blob = unique("hdom"), unique("hblob")
     names = {k: [unique(f"h{k}-") for _ in range(HANDOVER_ITERATIONS)] for k in range(2)}
     serve_members(env, image, blob, [n for v in names.values() for n in v])
-    root = Path("/tmp/erofs-fscache-tests/mnt") / unique("handover")
+    root = work_root() / "mnt" / unique("handover")
     tally = Tally()
 
     def worker(k: int) -> None:
