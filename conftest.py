@@ -132,9 +132,23 @@ def probe_guest(kernel: Path) -> dict | None:
     )
 
 
+def worker_count(config) -> int:
+    return sum(int(tx.split("*", 1)[0]) if "*" in tx else 1 for tx in (config.getoption("tx", None) or []))
+
+
 def pytest_configure(config):
     results = config.getoption("results") or Path(os.environ.get("EROFS_TEST_RESULTS") or REPO / "results")
     os.environ["EROFS_TEST_RESULTS"] = str(Path(results).resolve())
+    if not (is_worker(config) or in_vm()):
+        # Before any default is resolved: the reproduce line names what the user chose.
+        from fixtures import reproduce
+
+        mode = "vm" if vm_mode(config) else "host" if config.getoption("host_mode") else "controller"
+        os.environ[reproduce.ENV] = shlex.join(reproduce.config_prefix(config, mode))
+        if vm_mode(config) and config.getoption("maxworkerrestart", None) is None:
+            # xdist restarts crashed --tx workers without limit; with -n it allows 4 per worker.
+            # A kernel that oopses in every test would otherwise boot a VM per test.
+            config.option.maxworkerrestart = str(4 * worker_count(config))
     if strict_mode(config):
         os.environ["EROFS_TEST_STRICT"] = "1"
     if is_worker(config) or in_vm():
