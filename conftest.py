@@ -132,6 +132,18 @@ def probe_guest(kernel: Path) -> dict | None:
     )
 
 
+def prune_cache() -> None:
+    """Old launch scripts, kernels, build dirs and images go at every session start
+    (tools/vmtest/cachegc.py; `tools/cache` shows them)."""
+    from vmtest import cachegc
+    from vmtest.paths import cache_root
+
+    removed = cachegc.prune(cache_root())
+    if removed:
+        print("erofs-fscache: pruned the cache: " + ", ".join(f"{n} {k}" for k, n in removed.items())
+              + " (tools/cache --list)", file=sys.stderr)
+
+
 def worker_count(config) -> int:
     return sum(int(tx.split("*", 1)[0]) if "*" in tx else 1 for tx in (config.getoption("tx", None) or []))
 
@@ -145,6 +157,7 @@ def pytest_configure(config):
 
         mode = "vm" if vm_mode(config) else "host" if config.getoption("host_mode") else "controller"
         os.environ[reproduce.ENV] = shlex.join(reproduce.config_prefix(config, mode))
+        prune_cache()
         if vm_mode(config) and config.getoption("maxworkerrestart", None) is None:
             # xdist restarts crashed --tx workers without limit; with -n it allows 4 per worker.
             # A kernel that oopses in every test would otherwise boot a VM per test.

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import deps, guard
+from . import cachegc, deps, guard
 from .paths import REPO, cache_root
 
 # Environment the guest needs; vng forwards none. Every EROFS_TEST_* setting goes too
@@ -173,6 +173,7 @@ class GuestRun:
         if self.interactive:
             return subprocess.call(argv)
         lifetime = guard.Lifetime(time.monotonic(), self.lifetime)
+        cachegc.mark_used(Path(self.kernel))
         if self.state_file:
             guard.write_state(self.state_file, "(boot and collection)", BOOT_BOUND)
         log = open(self.console_log, "w") if self.console_log else None  # noqa: SIM115
