@@ -86,6 +86,7 @@ def prebuild_images() -> None:
     from tests.fscache import image_set
 
     start = time.monotonic()
+    os.environ["EROFS_TEST_SEED"] = str(image_seed())  # the guests use the seed built here
     small = ImageFactory(image_cache_dir(), os.environ["MKFS_EROFS"], seed=image_seed())
     tiny = copy.copy(small)
     tiny.profile = "tiny"

@@ -26,20 +26,6 @@ BUG_LINE = re.compile(r"kernel BUG at fs/cachefiles/key\.c:47")
 VM_TIMEOUT = 300
 
 
-def in_vm() -> bool:
-    return os.environ.get("EROFS_TEST_IN_VM") == "1"
-
-
-@pytest.fixture
-def test_kernel(pytestconfig) -> Path:
-    if in_vm():
-        pytest.skip("crashes the kernel: runs only on the controller, in a VM of its own (pytest tests/host)")
-    k = pytestconfig.getoption("kernel", None) or os.environ.get("EROFS_TEST_KERNEL")
-    if not k or not Path(k).is_file():
-        pytest.skip("needs a test kernel: --kernel or EROFS_TEST_KERNEL")
-    return Path(k)
-
-
 def run_guest(kernel: Path, console: Path, *args: str) -> tuple[int | None, str]:
     cmd = [sys.executable, str(REPO / "tools" / "vm-run"), "--kernel", str(kernel), "--console-log", str(console),
            "--", sys.executable, "tests/host/kernel_bug_guest.py", *args]

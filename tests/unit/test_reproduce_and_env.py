@@ -74,14 +74,15 @@ def test_reproduce_line_in_vm_mode_names_profile_kernel_tree_mkfs_seed_and_stric
     prefix = shlex.join(reproduce.run_prefix(opts, env, "vm"))
     line = reproduce.reproduce_command(prefix, NODE)
     assert shlex.split(line) == [
-        "env", "EROFS_TEST_SEED=7", "tools/tox", "-e", "vm", "--",
+        "env", "EROFS_TEST_SEED=7", *reproduce.VM_RUNNER,
         "--kernel-src", str(tmp_path / "linux"), "--mkfs", str(tmp_path / "mkfs.erofs"),
         "--kernel-profile", "debug", "--strict", "--test-timeout", "300", NODE]
 
 
 def test_reproduce_line_with_defaults_is_short():
     prefix = shlex.join(reproduce.run_prefix({"kernel_profile": "default", "test_timeout": 120.0}, {}, "vm"))
-    assert reproduce.reproduce_command(prefix, NODE) == f"tools/tox -e vm -- '{NODE}'"
+    assert reproduce.reproduce_command(prefix, NODE) == (
+        f".tox/vm/bin/pytest --dist load --tx popen//python=tools/vm-python '{NODE}'")
 
 
 def test_reproduce_line_in_host_mode_runs_pytest_here():
