@@ -227,7 +227,7 @@ class GuestRun:
         except BaseException as e:
             guard.kill_group(proc.pid)
             proc.wait()
-            self._explain(f"the VM wrapper was stopped ({e!r})", scan, lock)
+            self._explain(f"the VM wrapper was stopped ({type(e).__name__} {e})", scan, lock, echo=False)
             raise
         finally:
             if keeper:
@@ -252,15 +252,15 @@ class GuestRun:
             signal.signal(sig, handler)
 
     def _explain(self, why: str, scan: guard.ConsoleScan, lock: threading.Lock,
-                 lines: list[str] | None = None) -> None:
-        """Why the guest ended, and the console lines that show it: on stderr and, for the
-        pytest controller's crash report, next to the console log."""
+                 lines: list[str] | None = None, echo: bool = True) -> None:
+        """Why the guest ended, and the console lines that show it: on stderr (only the
+        reason unless `echo`) and, for the controller's crash report, next to the console log."""
         with lock:
             shown = lines or scan.lines or list(scan.tail)
             what = "console lines around it" if (lines or scan.lines) else "last console lines"
         where = f" (full console log: {self.console_log})" if self.console_log else ""
         text = f"vm: {why}{where}; {what}:\n" + "".join(shown)
-        _say(text)
+        _say(text if echo else f"vm: {why}; ended the VM{where}\n")
         if self.console_log:
             guard.crash_report_path(Path(self.console_log)).write_text(text)
 
