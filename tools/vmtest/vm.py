@@ -218,7 +218,8 @@ class GuestRun:
                 now = time.monotonic()
                 with lock:
                     crashed = scan.due(now)
-                why = (f"the guest kernel crashed ({scan.headline()})" if crashed else
+                why = (f"the guest kernel crashed ({scan.headline()}); the VM was ended "
+                       f"{now - scan.first_at:.1f} s after that line" if crashed else
                        (clock and clock.overdue(now)) or lifetime.over(now))
                 if why and not ended:
                     ended = why
