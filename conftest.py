@@ -158,7 +158,8 @@ def pytest_configure(config):
 
         mode = "vm" if vm_mode(config) else "host" if config.getoption("host_mode") else "controller"
         os.environ[reproduce.ENV] = shlex.join(reproduce.config_prefix(config, mode))
-        prune_cache()
+        if vm_mode(config):
+            prune_cache()
         if vm_mode(config) and config.getoption("maxworkerrestart", None) is None:
             # xdist restarts crashed --tx workers without limit; with -n it allows 4 per worker.
             # A kernel that oopses in every test would otherwise boot a VM per test.
