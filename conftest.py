@@ -160,10 +160,10 @@ def pytest_configure(config):
         os.environ[reproduce.ENV] = shlex.join(reproduce.config_prefix(config, mode))
         if vm_mode(config):
             prune_cache()
-        if vm_mode(config) and config.getoption("maxworkerrestart", None) is None:
-            # xdist restarts crashed --tx workers without limit; with -n it allows 4 per worker.
-            # A kernel that oopses in every test would otherwise boot a VM per test.
-            config.option.maxworkerrestart = str(4 * worker_count(config))
+            if config.getoption("maxworkerrestart", None) is None:
+                # xdist restarts crashed --tx workers without limit (with -n: 4 per worker);
+                # a kernel that oopses in every test would boot a VM per test.
+                config.option.maxworkerrestart = str(4 * worker_count(config))
     if strict_mode(config):
         os.environ["EROFS_TEST_STRICT"] = "1"
     if is_worker(config) or in_vm():
