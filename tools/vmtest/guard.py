@@ -24,12 +24,13 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# The first line of an oops (die(), do_trap(), page_fault_oops(), panic()) or a lockup report.
-# Not KASAN or KFENCE reports, nor WARNs: the kernel goes on after them, and the test's
-# kernel-log check fails the test with the lines.
+# The first line of an oops (die(), do_trap(), page_fault_oops(), panic()). Not KASAN or
+# KFENCE reports, nor WARNs: the kernel goes on after them, and the test's kernel-log check
+# fails the test with the lines. Not soft-lockup reports either: a TCG guest on a busy host
+# gets them spuriously; a real lockup outlives the test's bound (`TestClock`).
 CRASH_RE = re.compile(
     r"kernel BUG at|Oops[:\s]|general protection fault|Kernel panic|Unable to handle kernel"
-    r"|BUG: (?:unable to handle|kernel NULL pointer|soft lockup)"
+    r"|BUG: (?:unable to handle|kernel NULL pointer)"
 )
 # The last line of the report: end_trace() / panic() print it.
 END_RE = re.compile(r"---\[ end (?:trace|Kernel panic)")
