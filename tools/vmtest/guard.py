@@ -14,6 +14,7 @@ guest kernel that oopses ends its VM with the console lines that show it.
   kills the VM's process group when the pipe closes without a goodbye (`Guard`).
 """
 
+import contextlib
 import json
 import os
 import re
@@ -159,7 +160,8 @@ class Guard:
 
     def __init__(self, pgid: int):
         self.proc = subprocess.Popen([sys.executable, "-c", GUARD_CODE, str(pgid)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.DEVNULL, start_new_session=True)
+                                     stdout=subprocess.DEVNULL, start_new_session=True,
+                                     preexec_fn=release_signals)
 
     def done(self) -> None:
         """The VM is over (or was killed here): let the guard go without killing."""
@@ -188,6 +190,25 @@ class Ended(BaseException):
 
 def raise_ended(signum, _frame):
     raise Ended(signum)
+
+
+HELD = {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Block SIGTERM, SIGHUP and SIGINT in this thread; those that came meanwhile are
+    delivered on exit."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD)
+
+
+def release_signals() -> None:
+    """preexec_fn of children started under `signals_held` (the mask is inherited)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD)
 
 
 def crash_report_path(console_log: Path) -> Path:

@@ -176,20 +176,13 @@ class GuestRun:
         cachegc.mark_used(Path(self.kernel))
         if self.state_file:
             guard.write_state(self.state_file, "(boot and collection)", BOOT_BOUND)
-        log = open(self.console_log, "w") if self.console_log else None  # noqa: SIM115
-        old = {sig: signal.signal(sig, guard.raise_ended) for sig in (signal.SIGTERM, signal.SIGHUP)}
-        try:
-            # Its own process group, so that qemu goes with vng when the guest must be stopped.
-            proc = subprocess.Popen(argv, stdin=sys.stdin, stdout=sys.stdout, stderr=subprocess.PIPE,
-                                    start_new_session=True)
-        except BaseException:
-            self._restore(old)
-            raise
-        keeper = None
         scan = guard.ConsoleScan()
         clock = guard.TestClock(Path(self.state_file)) if self.state_file else None
         lock = threading.Lock()
         kvm_failure: list[str] = []
+        log = open(self.console_log, "w") if self.console_log else None  # noqa: SIM115
+        proc = keeper = None
+        ended = None
 
         def pump():
             for raw in proc.stderr:
@@ -204,10 +197,17 @@ class GuestRun:
                         kvm_failure.extend(list(scan.tail)[-20:])
                         guard.kill_group(proc.pid)
 
-        t = threading.Thread(target=pump, daemon=True)
-        ended = None
+        # From here on a SIGTERM/SIGHUP (or SIGINT) ends the VM before this process exits.
+        old = {sig: signal.signal(sig, guard.raise_ended) for sig in (signal.SIGTERM, signal.SIGHUP)}
         try:
-            keeper = guard.Guard(proc.pid)
+            # Signals wait until `proc` and `keeper` are set: a stop between the fork and
+            # the assignment would leave the VM unknown here and unguarded.
+            with guard.signals_held():
+                # Its own process group, so that qemu goes with vng when the guest must be stopped.
+                proc = subprocess.Popen(argv, stdin=sys.stdin, stdout=sys.stdout, stderr=subprocess.PIPE,
+                                        start_new_session=True, preexec_fn=guard.release_signals)
+                keeper = guard.Guard(proc.pid)
+            t = threading.Thread(target=pump, daemon=True)
             t.start()
             while True:
                 try:
@@ -226,9 +226,10 @@ class GuestRun:
                     guard.kill_group(proc.pid)
                     _say(f"vm: ending the VM: {why}\n")
         except BaseException as e:
-            guard.kill_group(proc.pid)
-            proc.wait()
-            self._explain(f"the VM wrapper was stopped ({type(e).__name__} {e})", scan, lock, echo=False)
+            if proc:
+                guard.kill_group(proc.pid)
+                proc.wait()
+                self._explain(f"the VM wrapper was stopped ({type(e).__name__} {e})", scan, lock, echo=False)
             raise
         finally:
             if keeper:
