@@ -135,9 +135,10 @@ def test_a_guest_that_bugs_and_wedges_is_ended_with_the_bug_lines(fake_guest, tm
     rc = run.run()
     took = time.monotonic() - t0
     assert rc != 0
-    assert took < 3 + 5, f"the wrapper waited {took:.0f} s on a guest that had BUGged"
+    # The fake guest would hang 600 s; the scan ends it 3 s after the trace (plus a loaded host).
+    assert took < 30, f"the wrapper waited {took:.0f} s on a guest that had BUGged"
     qemu = int((tmp_path / "qemu.pid").read_text())
-    assert wait_gone(qemu, 5), "the guest's qemu outlived the wrapper"
+    assert wait_gone(qemu, 15), "the guest's qemu outlived the wrapper"
     crash = (tmp_path / "worker-1-2.crash").read_text()
     assert "the guest kernel crashed (" in crash and "kernel BUG at fs/erofs/fscache.c:624!" in crash
     assert "erofs_put_super" in crash and "end trace" in crash, crash
@@ -150,7 +151,7 @@ def test_a_test_past_its_bound_ends_the_guest_with_its_last_console_lines(fake_g
                      state_file=state)
     t0 = time.monotonic()
     rc = run.run()
-    assert rc != 0 and time.monotonic() - t0 < 8
+    assert rc != 0 and time.monotonic() - t0 < 30
     crash = (tmp_path / "worker-1-2.crash").read_text()
     assert "t.py::test_stuck was still running after 1 s" in crash
     assert "blocked for more than 120 seconds" in crash, crash
@@ -159,7 +160,7 @@ def test_a_test_past_its_bound_ends_the_guest_with_its_last_console_lines(fake_g
 def test_a_guest_past_its_lifetime_is_ended(fake_guest, tmp_path):
     run = fake_guest("wait\n", lifetime=1)
     t0 = time.monotonic()
-    assert run.run() != 0 and time.monotonic() - t0 < 6
+    assert run.run() != 0 and time.monotonic() - t0 < 30
     assert "EROFS_TEST_VM_LIFETIME" in (tmp_path / "worker-1-2.crash").read_text()
 
 
@@ -201,7 +202,7 @@ def controller(tmp_path):
     ctl = subprocess.Popen([sys.executable, "-c", CONTROLLER, code], stdin=subprocess.DEVNULL,
                            stdout=subprocess.PIPE, text=True, start_new_session=True)
     wrapper = int(ctl.stdout.readline())
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 60
     while not (tmp_path / "qemu.pid").exists() or not (tmp_path / "qemu.pid").read_text().strip():
         assert time.monotonic() < deadline, "the fake VM did not start"
         time.sleep(0.1)
@@ -220,12 +221,12 @@ def test_no_vm_outlives_its_controller(controller, sig):
     ctl, wrapper, qemu = controller
     ctl.send_signal(sig)
     ctl.wait()
-    assert wait_gone(qemu, 5), f"the VM outlived its controller ({sig.name})"
-    assert wait_gone(wrapper, 5)
+    assert wait_gone(qemu, 15), f"the VM outlived its controller ({sig.name})"
+    assert wait_gone(wrapper, 15)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
 def test_no_vm_outlives_its_wrapper(controller, sig):
     _, wrapper, qemu = controller
     os.kill(wrapper, sig)
-    assert wait_gone(qemu, 5), f"the VM outlived its wrapper ({sig.name})"
+    assert wait_gone(qemu, 15), f"the VM outlived its wrapper ({sig.name})"

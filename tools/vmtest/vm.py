@@ -47,6 +47,14 @@ def vng_path() -> str:
     return found
 
 
+def vng_env(vng: str) -> dict[str, str]:
+    """vng runs virtme-run (and the guest's virtme-init helpers) through PATH: put the venv
+    it came from first, so `.tox/vm/bin/pytest ...` works without activating the venv."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(vng).parent), env.get("PATH", os.defpath)])
+    return env
+
+
 KVM_PROBE_TIMEOUT = 20  # the boot to the no-root panic took 1.5 s under TCG here; KVM is faster
 KVM_FAILURE_RE = re.compile(r"KVM internal error|emulation failure|failed to set MSR")
 
@@ -171,7 +179,7 @@ class GuestRun:
             raise deps.ToolError(f"kernel image {self.kernel} does not exist; build one with tools/build-kernel")
         argv = self.vng_argv()
         if self.interactive:
-            return subprocess.call(argv)
+            return subprocess.call(argv, env=vng_env(argv[0]))
         lifetime = guard.Lifetime(time.monotonic(), self.lifetime)
         cachegc.mark_used(Path(self.kernel))
         if self.state_file:
@@ -205,7 +213,8 @@ class GuestRun:
             with guard.signals_held():
                 # Its own process group, so that qemu goes with vng when the guest must be stopped.
                 proc = subprocess.Popen(argv, stdin=sys.stdin, stdout=sys.stdout, stderr=subprocess.PIPE,
-                                        start_new_session=True, preexec_fn=guard.release_signals)
+                                        start_new_session=True, preexec_fn=guard.release_signals,
+                                        env=vng_env(argv[0]))
                 keeper = guard.Guard(proc.pid)
             t = threading.Thread(target=pump, daemon=True)
             t.start()
