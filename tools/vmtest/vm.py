@@ -35,9 +35,12 @@ POLL = 0.5  # seconds between checks of the guest's bounds
 
 
 def vng_path() -> str:
-    exe = Path(sys.executable).with_name("vng")
-    if exe.exists():
-        return str(exe)
+    """vng from the venv of this Python or of the controller's (EROFS_TEST_PYTHON: a venv's
+    pytest run without activating the venv starts tools/vm-python with the system python3)."""
+    for python in (sys.executable, os.environ.get("EROFS_TEST_PYTHON")):
+        exe = Path(python).with_name("vng") if python else None
+        if exe and exe.exists():
+            return str(exe)
     found = shutil.which("vng")
     if not found:
         raise deps.ToolError(
