@@ -162,8 +162,11 @@ def pytest_configure(config):
             prune_cache()
             if config.getoption("maxworkerrestart", None) is None:
                 # xdist restarts crashed --tx workers without limit (with -n: 4 per worker);
-                # a kernel that oopses in every test would boot a VM per test.
-                config.option.maxworkerrestart = str(4 * worker_count(config))
+                # a kernel that oopses in every test would boot a VM per test. Under -x a
+                # crash is the first failure: xdist would still start a new VM, give it
+                # tests, and stop only when that one crashed too.
+                restarts = 0 if config.getoption("maxfail", 0) == 1 else 4 * worker_count(config)
+                config.option.maxworkerrestart = str(restarts)
     if strict_mode(config):
         os.environ["EROFS_TEST_STRICT"] = "1"
     if is_worker(config) or in_vm():
