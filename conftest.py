@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ REPO = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO / "tools"))
 
 from fixtures.kernel import strict_mode  # noqa: E402
+from fixtures.process_utils import cmd  # noqa: E402
 
 pytest_plugins = ["fixtures.plugin"]
 
@@ -38,7 +38,11 @@ def pytest_addoption(parser):
                 help="build (or reuse) a kernel from this tree before the workers start "
                      "(VM mode; env EROFS_TEST_KERNEL_SRC)")
     g.addoption("--kernel-profile", default="default", help="kernel config profile: default or debug")
-    g.addoption("--mkfs", help="mkfs.erofs to use (env MKFS_EROFS; default: build erofs-utils)")
+    g.addoption("--mkfs", help="the mkfs.erofs under test, used as it is, with dump.erofs and fsck.erofs "
+                "beside it (env MKFS_EROFS; default: Debian's erofs-utils, built)")
+    g.addoption("--erofs-utils-src", type=Path,
+                help="test this erofs-utils tree: its source is built (autogen, configure, make) in a "
+                     "cached copy (env EROFS_TEST_EROFS_UTILS_SRC)")
     g.addoption("--host-mode", action="store_true",
                 help="run tests/fscache on this machine's own kernel (binds cachefiles and mounts here)")
     g.addoption("--results", type=Path, help="per-test artifacts directory (default: results/)")
@@ -58,22 +62,62 @@ def vm_mode(config) -> bool:
     return any("vm-python" in tx for tx in (config.getoption("tx", None) or []))
 
 
-def resolve_mkfs(config) -> None:
-    """Point MKFS_EROFS/DUMP_EROFS/FSCK_EROFS at the erofs-utils to test."""
-    mkfs = config.getoption("mkfs") or os.environ.get("MKFS_EROFS")
-    if mkfs:
-        mkfs = str(Path(mkfs).resolve())
-        os.environ["MKFS_EROFS"] = mkfs
-        d = Path(mkfs).parent
-        for tool, var in (("dump.erofs", "DUMP_EROFS"), ("fsck.erofs", "FSCK_EROFS")):
-            for cand in (d / tool, d.parent / tool.split(".")[0] / tool):
-                if cand.exists() and var not in os.environ:
-                    os.environ[var] = str(cand)
-        return
-    from vmtest import erofs_utils
+def resolve_mkfs(config):
+    """The erofs-utils under test, named once per run: --mkfs or MKFS_EROFS (used as it is;
+    nothing is built or downloaded), else --erofs-utils-src (that tree, built), else Debian's.
+    Exports MKFS_EROFS, DUMP_EROFS and FSCK_EROFS, so every tool, image, worker and VM of the
+    run uses exactly these binaries.  Raises deps.ToolError (also for a release the suite does
+    not support, fixtures/erofs_tools.py UNSUPPORTED, in strict mode; else it warns)."""
+    utils = getattr(config, "_erofs_utils", None)
+    if utils is None:
+        from vmtest import erofs_utils
 
-    utils = erofs_utils.find_built() or erofs_utils.build_from_debian()
-    os.environ.update(utils.env())
+        utils = erofs_utils.resolve(config.getoption("mkfs"), config.getoption("erofs_utils_src"))
+        for var in erofs_utils.ENV_NAMES.values():  # no dump/fsck of another erofs-utils stays
+            os.environ.pop(var, None)
+        os.environ.update(utils.env())
+        config._erofs_utils = utils
+        reason = utils.tools().why_unsupported()
+        if reason and strict_mode(config):
+            raise erofs_utils.BuildError(f"--strict: {reason}")
+        if reason:
+            print(f"erofs-fscache: warning: {reason}", file=sys.stderr)
+    return utils
+
+
+@pytest.fixture(scope="session")
+def erofs_utils(pytestconfig):
+    """The erofs-utils under test (resolve_mkfs) for tests outside a VM run, resolved on first
+    use; skips (fails in strict mode) when there is none to test."""
+    from vmtest import deps
+
+    try:
+        utils = resolve_mkfs(pytestconfig)  # strict mode: raises for an unsupported release too
+    except deps.ToolError as e:
+        if strict_mode(pytestconfig):
+            pytest.fail(str(e) if str(e).startswith("--strict") else f"--strict: no erofs-utils to test: {e}",
+                        pytrace=False)
+        pytest.skip(f"no erofs-utils to test: {e}")
+    reason = utils.tools().why_unsupported()
+    if reason:
+        pytest.skip(reason)
+    return utils
+
+
+@pytest.fixture(scope="session")
+def require_tool(erofs_utils, pytestconfig):
+    """`require_tool("dump --cat")`: when the erofs-utils under test predates the feature
+    (fixtures/erofs_tools.py TOOL_FEATURES), skip naming the release it needs (fail in strict
+    mode)."""
+
+    def check(feature: str) -> None:
+        reason = erofs_utils.tools().why_not(feature)
+        if reason and strict_mode(pytestconfig):
+            pytest.fail(f"--strict: {reason}", pytrace=False)
+        if reason:
+            pytest.skip(reason)
+
+    return check
 
 
 def prebuild_images() -> None:
@@ -100,8 +144,9 @@ def probe_key(kernel: Path) -> str:
     h.update((REPO / "fixtures" / "kernel.py").read_bytes())
     mkfs = os.environ.get("MKFS_EROFS", "")
     if mkfs and os.path.exists(mkfs):
-        st = os.stat(mkfs)
-        h.update(f"{os.path.realpath(mkfs)} {st.st_size} {st.st_mtime_ns}".encode())
+        from fixtures import erofs_tools
+
+        h.update(f"{os.path.realpath(mkfs)} {erofs_tools.identity(mkfs)}".encode())
     return h.hexdigest()[:24]
 
 
@@ -116,9 +161,9 @@ def probe_guest(kernel: Path) -> dict | None:
         guest = json.loads(saved.read_text())
         guest["cached"] = str(saved)
         return guest
-    cmd = [sys.executable, str(REPO / "tools" / "vm-run"), "--kernel", str(kernel), "--",
+    argv = [sys.executable, str(REPO / "tools" / "vm-run"), "--kernel", str(kernel), "--",
            sys.executable, "-m", "fixtures.kernel", os.environ.get("MKFS_EROFS", "")]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    r = cmd(argv, check=False, cwd=REPO, timeout=600)
     for line in r.stdout.splitlines():
         if line.startswith("{"):
             guest = json.loads(line)
@@ -129,7 +174,7 @@ def probe_guest(kernel: Path) -> dict | None:
             return guest
     raise pytest.UsageError(
         f"the test kernel {kernel} did not boot or run Python (exit {r.returncode}).\n"
-        f"command: {shlex.join(cmd)}\n{r.stderr[-3000:]}"
+        f"command: {shlex.join(argv)}\n{r.stderr[-3000:]}"
     )
 
 
@@ -171,6 +216,13 @@ def pytest_configure(config):
         os.environ["EROFS_TEST_STRICT"] = "1"
     if is_worker(config) or in_vm():
         return
+    if config.getoption("host_mode"):
+        from vmtest import deps
+
+        try:
+            resolve_mkfs(config)
+        except deps.ToolError as e:
+            raise pytest.UsageError(str(e)) from None
     if not vm_mode(config) and any(str(a).startswith("tests/host") for a in config.args):
         # Tests that boot VMs of their own from here (tests/host): they need the kernel only.
         from vmtest import deps, kernel

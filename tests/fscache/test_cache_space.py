@@ -1,5 +1,6 @@
 # ruff: noqa: F811  (fixtures imported from helpers_faults are redefined as arguments)
-"""A cache too small for the blob (reference §1.2 limits, §1.5 anon-fd writes, §3.2 culling).
+"""A cache too small for the blob (docs/protocol.md#read-and-read_complete for the anon-fd writes,
+docs/observables.md#culling for cull and inuse).
 
 An 8 MiB ext4 cache serves a 12 MiB file: once the cache is full the daemon's writes through
 the anon fd fail (ENOBUFS below `bstop`, or ENOSPC from ext4), its READs complete without
@@ -140,22 +141,41 @@ def test_small_cache_never_returns_wrong_data(daemons, plain_mounts, big_image, 
 
 # --------------------------------------------------------------------------- cull / inuse
 
+# The object's life, in the order the test walks it; every step of CULL_STEPS names the phase
+# it is asked in, so the table's order does not matter. "culled" is reached by the step that
+# culls (the one expected to succeed), after the other steps of its phase were asked.
+PHASES = ("tmpfile", "committed", "in use", "idle again", "culled")
+ANY = "any"  # a step asked in every phase
+
+
 @dataclass(frozen=True)
 class CullStep:
-    state: str
+    phase: str    # one of PHASES, or ANY
+    state: str    # what the phase is, for the report
     command: str  # inuse | cull | cull-slash
     errno: int
 
+    @property
+    def culls(self) -> bool:
+        """The step that removes the file (a cull that succeeds)."""
+        return self.command == "cull" and self.errno == 0
+
 
 CULL_STEPS = [
-    CullStep("first mount: the object is an unlinked tmpfile", "inuse", errno.ENOENT),
-    CullStep("unmounted: the file is committed, nobody uses it", "inuse", 0),
-    CullStep("mounted again: the cache holds the file (S_KERNEL_FILE)", "inuse", errno.EBUSY),
-    CullStep("mounted again: the cache holds the file (S_KERNEL_FILE)", "cull", errno.EBUSY),
-    CullStep("unmounted again", "cull", 0),
-    CullStep("culled (a file is unlinked; only directories go to the graveyard)", "inuse", errno.ENOENT),
-    CullStep("any state: a name with '/'", "cull-slash", errno.EINVAL),
+    CullStep("tmpfile", "first mount: the object is an unlinked tmpfile", "inuse", errno.ENOENT),
+    CullStep("committed", "unmounted: the file is committed, nobody uses it", "inuse", 0),
+    CullStep("in use", "mounted again: the cache holds the file (S_KERNEL_FILE)", "inuse", errno.EBUSY),
+    CullStep("in use", "mounted again: the cache holds the file (S_KERNEL_FILE)", "cull", errno.EBUSY),
+    CullStep("idle again", "unmounted again", "cull", 0),
+    CullStep("culled", "culled (a file is unlinked; only directories go to the graveyard)", "inuse", errno.ENOENT),
+    CullStep(ANY, "any state: a name with '/'", "cull-slash", errno.EINVAL),
 ]
+
+
+def steps_of(phase: str, steps: list[CullStep] = CULL_STEPS) -> list[CullStep]:
+    """The steps asked in `phase`: its own and the ANY steps, the cull that ends it last."""
+    mine = [st for st in steps if st.phase in (phase, ANY)]
+    return sorted(mine, key=lambda st: st.culls)
 
 
 def test_cull_and_inuse(daemons, plain_mounts, tiny_images, kmsg):
@@ -166,31 +186,33 @@ def test_cull_and_inuse(daemons, plain_mounts, tiny_images, kmsg):
     directory, name = rel.rsplit("/", 1)
     cache_dir = Path(daemons.cache_dir)
     stats0 = fscache_stats()
-    got: list[tuple[str, str, str, str]] = []
+    got: list[tuple[str, str, str, str, str]] = []
+    asked: set[CullStep] = set()
 
-    def run(step: CullStep) -> None:
-        if step.command == "cull-slash":
-            err = d.control.cull(f"x/{name}", directory)
-        else:
-            err = getattr(d.control, step.command)(name, directory)
-        got.append((step.state, step.command, errname(step.errno), errname(err)))
+    def ask(phase: str) -> None:
+        for step in steps_of(phase):
+            asked.add(step)
+            if step.command == "cull-slash":
+                err = d.control.cull(f"x/{name}", directory)
+            else:
+                err = getattr(d.control, step.command)(name, directory)
+            got.append((phase, step.state, step.command, errname(step.errno), errname(err)))
 
     m = plain_mounts.mount_erofs(fsid)
-    run(CULL_STEPS[0])
+    ask("tmpfile")
     plain_mounts.umount(m)
     d.control.wait_idle(timeout=10)
-    run(CULL_STEPS[1])
+    ask("committed")
     m = plain_mounts.mount_erofs(fsid)
-    run(CULL_STEPS[2])
-    run(CULL_STEPS[3])
+    ask("in use")
     plain_mounts.umount(m)
     d.control.wait_idle(timeout=10)
-    run(CULL_STEPS[4])
+    ask("idle again")
     after_cull = CacheDirListing.scan(cache_dir)
-    run(CULL_STEPS[5])
-    run(CULL_STEPS[6])
-    report = table(got, ["state", "command", "expected", "got"])
-    assert all(g[2] == g[3] for g in got), f"cull/inuse answers differ:\n{report}"
+    ask("culled")
+    report = table(got, ["phase", "state", "command", "expected", "got"])
+    assert asked == set(CULL_STEPS), f"steps in no phase of {PHASES}: {set(CULL_STEPS) - asked}"
+    assert all(g[3] == g[4] for g in got), f"cull/inuse answers differ:\n{report}"
     assert rel not in after_cull.paths() and not after_cull.graveyard, (
         f"a culled file must be gone (unlinked, not in the graveyard)\n{after_cull.render()}")
     assert stat_delta(stats0, fscache_stats(), "NoSpace", "cull") == 1, "stats NoSpace cull= must count the cull"

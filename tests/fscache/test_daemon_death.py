@@ -1,5 +1,5 @@
 # ruff: noqa: F811  (fixtures imported from helpers_faults are redefined as arguments)
-"""The daemon dies (reference §1.1, §1.8): nothing may hang, nothing may return wrong data.
+"""The daemon dies (docs/protocol.md#daemon-death, #restore): nothing may hang, nothing may return wrong data.
 
 DEATH_CASES: killed (SIGKILL, SIGTERM, os._exit at the next request) with READs or an OPEN in
 flight -> the blocked readers/mount get an error within DEATH_BOUND seconds; uncached data of
@@ -192,7 +192,7 @@ def _read_errno(path, offset: int = 0) -> int:
 
 # --------------------------------------------------------------------------- shared domain, restart
 
-# Observed on 6.12.117, and asserted here (the reference only inferred it from the source):
+# Observed on 6.12.117, and asserted here (docs/protocol.md#daemon-death):
 # the daemon dies while member A (fsid a, device=X) of domain D is mounted; a new daemon binds
 # with the same tag (the fscache cache record is re-used); a new member B (fsid b, device=X)
 # of D then *mounts*: its primary cookie b is new and gets an OPEN from the new daemon (the

@@ -1,5 +1,6 @@
 # ruff: noqa: F811  (fixtures imported from helpers_faults are redefined as arguments)
-"""What the kernel does with bad or unlucky daemon replies (reference §1.5-1.8).
+"""What the kernel does with bad or unlucky daemon replies (docs/protocol.md: copen, READ_COMPLETE,
+anon fds, restore).
 
 COPEN_CASES: the reply to OPEN (negative errnos, hex/octal sizes parsed with base 0, malformed
 copens, unknown ids, the same id twice, the anon fd closed before the copen, EMFILE while the
@@ -37,7 +38,7 @@ from fixtures.observe.cachedir import CacheDirListing, predict_path
 SHARED_DAEMON_ARGS = ["--fill-granularity", "4096"]
 SHARED_CACHE_MIB = 64
 
-OPEN_FAILED = (errno.ENOBUFS, errno.EIO)  # §1.5: racy between the two
+OPEN_FAILED = (errno.ENOBUFS, errno.EIO)  # racy between the two: docs/domains.md#when-a-mount-fails
 BIG = "/large/large-0.bin"  # 300 KB of plain data blocks: READs happen only when it is read
 CONTROL = "/deep/d1/d2/d3/d4/bottom.txt"
 

@@ -1,4 +1,4 @@
-"""Which mounts collide (reference §2.6): an fsid must be unique in its domain, among the
+"""Which mounts collide (docs/domains.md#conflicts): an fsid must be unique in its domain, among the
 domain's blob names too (EEXIST); a volume key `erofs,<x>` is taken by a non-domain fsid x or
 by a live domain x (EBUSY); the same fsid in two domains is fine; `device=` naming another
 member's fsid shares that member's primary cookie; remount cannot move a mount to another
@@ -6,7 +6,7 @@ fsid or domain.  A refused mount changes nothing: no OPEN, no Acquire, the first
 still reads correctly.
 
 Never use fsid/domain/blob names of 249-255 bytes or with `/` here: 253-255-byte cookie keys
-in a domain hit a BUG_ON in cachefiles and hang the mount (reference §2.3).
+in a domain hit a BUG_ON in cachefiles_cook_key() and hang the mount (docs/domains.md#key-lengths).
 """
 
 import errno

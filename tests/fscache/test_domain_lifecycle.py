@@ -4,12 +4,12 @@ and are found again in the cache by a later mount; racing the last umount of a d
 new mount into it; a cache file whose size no longer matches is replaced."""
 
 import threading
-import time
 
 import pytest
 from tabulate import tabulate
 
 from fixtures.observe.cachedir import predict_path
+from fixtures.race import Attempts, Timeline
 from tests.fscache.checks import layer_sample, overlapping_reads, reads, render_reads
 
 ORDERS = {"first": [0, 1, 2], "middle": [1, 0, 2], "last": [2, 1, 0]}
@@ -116,13 +116,16 @@ def test_creator_leaves_first(rig, tiny_images):
     rig.expect_closes("creator: one CLOSE per cookie")
 
 
-ITERATIONS = 6
+ITERATIONS = 6       # iterations in which the umount and the mount overlapped
+MAX_ATTEMPTS = 18    # iterations tried to get them
 
 
 def test_last_umount_races_new_mount(rig, tiny_images, kmsg):
     """The last member of domain D unmounts while a new member mounts into D, in two threads,
-    ITERATIONS times: every mount succeeds quickly and reads its files, and fscache never
-    waits on a volume collision (stats vcol= stays, no "Potential volume collision")."""
+    until ITERATIONS iterations raced (the two system calls were in flight together): every
+    mount succeeds quickly and reads its files, and fscache never waits on a volume collision
+    (stats vcol= stays, no "Potential volume collision"). An iteration whose calls did not
+    overlap proves nothing; it is reported and another one is run."""
     imgs = layered_set(tiny_images, 2)
     dom = rig.name("d")
     members = [rig.member(img, dom) for img in imgs]
@@ -131,49 +134,63 @@ def test_last_umount_races_new_mount(rig, tiny_images, kmsg):
     before = rig.snapshot()
     cur = rig.mounts.mount_erofs(members[0].fsid, dom)
     timings = []
-    for i in range(ITERATIONS):
+    headers = ("iteration", "new member", "umount s", "mount s", "overlap s", "OPEN in umount", "error")
+    race = Attempts("the last umount of D and a new mount into D", wanted=ITERATIONS, limit=MAX_ATTEMPTS)
+    while race.more():
+        i = race.tried
         new = members[(i + 1) % 2]
         barrier = threading.Barrier(2, timeout=30)
         result = {}
+        timeline = Timeline()
+        pos = rig.daemon.position()
 
-        def leave(old=cur, barrier=barrier, result=result):
+        def leave(old=cur, barrier=barrier, result=result, timeline=timeline):
             barrier.wait()
-            t = time.monotonic()
             try:
-                rig.mounts.umount(old)
+                with timeline.span("leave", f"umount {old.fsid}"):
+                    rig.mounts.umount(old)
             except OSError as e:
                 result["umount_error"] = e
-            result["umount_s"] = time.monotonic() - t
 
-        def join(new=new, barrier=barrier, result=result):
+        def join(new=new, barrier=barrier, result=result, timeline=timeline):
             barrier.wait()
-            t = time.monotonic()
             try:
-                result["mount"] = rig.mounts.mount_erofs(new.fsid, dom)
+                with timeline.span("join", f"mount {new.fsid}"):
+                    result["mount"] = rig.mounts.mount_erofs(new.fsid, dom)
             except OSError as e:
                 result["mount_error"] = e
-            result["mount_s"] = time.monotonic() - t
 
         threads = [threading.Thread(target=leave), threading.Thread(target=join)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(60)
-        timings.append((i + 1, new.fsid, f"{result.get('umount_s', -1):.2f}", f"{result.get('mount_s', -1):.2f}",
+        (um,), (mo,) = timeline.of("umount") or [None], timeline.of("mount") or [None]
+        both = um is not None and mo is not None
+        overlap = um.overlap(mo) if both else 0.0
+        # the kernel asked the daemon to OPEN the new member's cookie while the umount ran
+        opens = [r for r in rig.daemon.requests(pos) if r["op"] == "OPEN" and r["cookie_key"] == new.fsid]
+        open_in_umount = bool(both and any(um.contains(r["t"]) for r in opens))
+        timings.append((i + 1, new.fsid, f"{um.end - um.start:.2f}" if um else "-",
+                        f"{mo.end - mo.start:.2f}" if mo else "-", f"{overlap:.3f}",
+                        "yes" if open_in_umount else "no",
                         result.get("umount_error") or result.get("mount_error") or "ok"))
-        table = tabulate(timings, headers=("iteration", "new member", "umount s", "mount s", "error"))
+        table = tabulate(timings, headers=headers) + "\n\n" + timeline.render()
+        race.record(overlap > 0, table)
+        (rig.artifacts / "race.txt").write_text(race.summary() + "\n" + "\n".join(race.notes) + "\n\n" + table + "\n")
         if any(t.is_alive() for t in threads):
             rig.fail("race: umount and mount of domain D must finish (a volume collision wait?)", table)
         if "mount" not in result or "umount_error" in result:
             rig.fail("race: a new mount into D racing the last umount of D must succeed", table)
-        if result["mount_s"] > 10:
+        if mo.end - mo.start > 10:
             rig.fail("race: the new mount must not wait for the old volume (20 s collision timeout)", table)
         cur = result["mount"]
         rig.expect_content("race: the new member reads its files", new.image, cur,
                            ["/etc/os-release", f"/shared/from-{new.image.layers[1]}.bin"])
     rig.mounts.umount(cur)
+    table = tabulate(timings, headers=headers)
+    race.check()
     after = rig.expect_state("race: nothing left after the last umount")
-    table = tabulate(timings, headers=("iteration", "new member", "umount s", "mount s", "error"))
     rig.expect_stat("race: no volume collision wait (stats Cookies vcol=)", before.diff(after),
                     {("Cookies", "vcol"): 0})
     collisions = kmsg.grep("Potential volume collision")

@@ -5,7 +5,7 @@ across domains.  Expectations come from fixtures/oracle.py; every channel is che
 and the files read through the mounts.
 
 Images are tiny (tests/fscache/conftest.py `tiny_images`); names are unique per test, so
-every volume starts with a cold cache (reference §3.2).
+every volume starts with a cold cache (docs/observables.md#the-cache-directory).
 """
 
 import pytest

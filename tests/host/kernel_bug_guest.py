@@ -17,6 +17,7 @@ from fixtures import kmsg  # noqa: E402
 from fixtures.cache import CacheFs, wait_withdrawn  # noqa: E402
 from fixtures.mounts import MS_RDONLY, sys_mount, sys_umount  # noqa: E402
 from fixtures.ondemand.process import DaemonProcess  # noqa: E402
+from fixtures.process_utils import WaitTimeout, wait_for  # noqa: E402
 
 HANG = 10.0
 
@@ -38,14 +39,14 @@ def main() -> int:
         except OSError as e:
             os._exit(e.errno or 1)
         os._exit(0)
-    deadline = time.monotonic() + HANG
-    status = None
-    while time.monotonic() < deadline:
+    def child_status() -> int | None:
         done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        time.sleep(0.2)
-    else:
+        return status if done else None
+
+    try:
+        status = wait_for(child_status, what="the mounting child to exit", timeout=HANG, step=0.2,
+                          until=lambda st: st is not None)
+    except WaitTimeout:
         status = None
     bugs = [str(line) for line in reader.read() if "kernel BUG at" in line.text or "invalid opcode" in line.text]
     for line in bugs:

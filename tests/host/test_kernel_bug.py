@@ -4,7 +4,7 @@
 
 A cookie key of 253..255 bytes passes fscache (<= 255) but hits
 `BUG_ON(keylen > NAME_MAX - 3)` in cachefiles_cook_key() (fs/cachefiles/key.c:47): in a shared
-domain the fsid is such a key (reference §2.3). The fscache worker oopses and the mount never
+domain the fsid is such a key (docs/domains.md#key-lengths). The fscache worker oopses and the mount never
 returns, so this must never run in the shared test VM: tools/vm-run boots a throwaway guest,
 tests/host/kernel_bug_guest.py mounts in a child process and reboots the guest (sysrq) when the
 mount hangs. While the bug is there the test reports xfail ("known kernel bug"), never a

@@ -31,6 +31,7 @@ from fixtures.blobserver import (
     parse_range,
     publish,
 )
+from fixtures.process_utils import cmd
 
 REPO = Path(__file__).resolve().parents[2]
 SIZE = 100_000
@@ -327,9 +328,7 @@ def test_process_reports_a_failed_start(tmp_path):
 
 
 def test_cli_help():
-    r = subprocess.run([sys.executable, "-m", "fixtures.blobserver", "--help"], cwd=REPO, capture_output=True,
-                       text=True, timeout=60)
-    assert r.returncode == 0
+    r = cmd([sys.executable, "-m", "fixtures.blobserver", "--help"], cwd=REPO, timeout=60)
     for opt in ("--root", "--listen", "--admin-socket", "--publish"):
         assert opt in r.stdout
 

@@ -2,11 +2,12 @@
 
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from fixtures.process_utils import cmd
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
@@ -68,8 +69,7 @@ def fake_tree(tmp_path, bzimage_recipe):
 
 def run_tool(tmp_path, src, *extra):
     env = dict(os.environ, EROFS_TEST_CACHE=str(tmp_path / "cache"))
-    return subprocess.run([sys.executable, str(REPO / "tools" / "build-kernel"), "--src", str(src), *extra],
-                          capture_output=True, text=True, env=env)
+    return cmd([sys.executable, REPO / "tools" / "build-kernel", "--src", src, *extra], check=False, env=env)
 
 
 def test_tree_that_does_not_build_exits_125(tmp_path):

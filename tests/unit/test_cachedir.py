@@ -22,7 +22,8 @@ from fixtures.observe.cachedir import (
     volume_hash,
 )
 
-# Reference §3.2 "Worked examples".
+# Computed with a C transliteration of fscache_hash() and cachefiles_cook_key() (the algorithm in
+# docs/observables.md#the-fscache-hash); one example for each name encoding (D, E, S).
 WORKED_EXAMPLES = [
     ("erofs,mydomain", "blob1", "cache/Ierofs,mydomain/@2a/Dblob1"),
     ("erofs,mydomain", "blob2", "cache/Ierofs,mydomain/@5b/Dblob2"),
@@ -32,7 +33,7 @@ WORKED_EXAMPLES = [
     ("erofs,x", b"\x00\x00\x00\x01", "cache/Ierofs,x/@fd/S1"),
 ]
 
-# Reference §7: paths observed on a 6.12.117 kernel after umount + CLOSE.
+# Paths observed on a 6.12.117 guest after umount + CLOSE (the run of test_oracle.OBSERVED_612).
 OBSERVED_612 = [
     ("erofs,img1", "img1", "cache/Ierofs,img1/@83/Dimg1"),
     ("erofs,dom", "boot1", "cache/Ierofs,dom/@7d/Dboot1"),

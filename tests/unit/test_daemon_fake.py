@@ -40,6 +40,7 @@ from fixtures.ondemand.client import (
     wait_ready,
 )
 from fixtures.ondemand.daemon import OnDemandDaemon
+from fixtures.process_utils import cmd, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 DAEMON = REPO / "tools" / "ondemand-daemon"
@@ -195,9 +196,8 @@ def start(tmp_path, sockdir, blobs):
         h = Harness(daemon, kernel, DaemonControl(opts["control_path"], timeout=10),
                     Path(opts["log_path"]), tmp_path, thread, out, completions, exits)
         started.append(h)
-        deadline = time.monotonic() + 5
-        while "\n" not in out.getvalue() and thread.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: (out.getvalue(), thread.is_alive()), what="the daemon's READY line (or its end)",
+                 timeout=5, step=0.01, until=lambda v: "\n" in v[0] or not v[1])
         return h
 
     yield _start
@@ -384,9 +384,8 @@ def test_a_read_inside_a_range_being_prefetched_waits_for_it_and_writes_nothing(
     _, obj = h.kernel.open("big", anon)
     h.kernel.recv()
     first = h.kernel.read(obj, 0, PAGE)
-    deadline = time.monotonic() + 5
-    while ("write", 2**20) not in events and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: events, what="the prefetch to start writing [1M, 2M)", timeout=5, step=0.01,
+             until=lambda ev: ("write", 2**20) in ev, show=lambda ev: repr(list(ev)))
     second = h.kernel.read(obj, 2**20 + PAGE, PAGE)
     h.ctl.wait_idle()
     assert events.count(("write", 2**20)) == 1, events       # written once, by the prefetch
@@ -669,8 +668,7 @@ def _spawn(args, **kw):
 
 
 def test_cli_help():
-    r = subprocess.run([str(DAEMON), "--help"], check=False, capture_output=True, text=True, timeout=30)
-    assert r.returncode == 0
+    r = cmd([DAEMON, "--help"], timeout=30)
     for opt in ("--cache", "--tag", "--blobs", "--blob", "--log", "--control", "--fill-granularity",
                 "--threads", "--adopt-socket", "--hold-socket"):
         assert opt in r.stdout

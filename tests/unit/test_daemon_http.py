@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import os
 import re
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from test_daemon_fake import DAEMON, PAGE, anon_closed, file_anon, pipe_anon
 from fixtures.blobserver import BlobServer, BlobServerClient, publish
 from fixtures.ondemand.__main__ import build_parser
 from fixtures.ondemand.client import DaemonControlError
+from fixtures.process_utils import cmd
 
 # The fake-kernel fixtures of test_daemon_fake: `start(**daemon_kwargs)` -> Harness.
 blobs, sockdir, start = fake.blobs, fake.sockdir, fake.start
@@ -265,7 +265,7 @@ def test_cli_options():
     assert (args.fetch_granularity, args.fetch_timeout) == (128 << 10, 2.5)
     defaults = build_parser().parse_args(["--cache", "/c"])
     assert (defaults.fetch_granularity, defaults.fetch_timeout) == (64 << 10, 10.0)
-    r = subprocess.run([str(DAEMON), "--help"], capture_output=True, text=True, timeout=30)
+    r = cmd([DAEMON, "--help"], timeout=30)
     for opt in ("--http-blob", "--fetch-granularity", "--fetch-timeout"):
         assert opt in r.stdout
 

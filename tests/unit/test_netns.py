@@ -24,6 +24,7 @@ import pytest
 from fixtures import netns
 from fixtures.blobserver import BlobServerProcess, publish
 from fixtures.netns import NETEM_PROFILES, Netem, NetemUnsupported, VethNamespace, parse_rate, parse_time_us
+from fixtures.process_utils import cmd
 
 # --------------------------------------------------------------------------- parameters (any host)
 
@@ -133,14 +134,15 @@ def test_concurrent_namespaces_get_distinct_names_and_subnets(usable):
         assert not a.subnet.overlaps(b.subnet)
         # each namespace reaches its own peer only
         for n in (a, b):
-            r = subprocess.run(netns.exec_argv(n.name, [sys.executable, "-c", _CONNECT, n.host_addr, "1"]),
-                               cwd=netns.REPO, capture_output=True, text=True, timeout=60)
+            r = cmd(netns.exec_argv(n.name, [sys.executable, "-c", _CONNECT, n.host_addr, "1"]),
+                    cwd=netns.REPO, timeout=60)
             assert r.stdout.strip() == "refused", r.stderr   # RST from the host end: the route works
     assert not any(a.exists().values()) and not any(b.exists().values())
 
 
 _CONNECT = """
 import socket, sys
+from fixtures.process_utils import cmd
 s = socket.socket(); s.settimeout(5)
 try:
     s.connect((sys.argv[1], int(sys.argv[2]))); print("connected")
@@ -156,8 +158,7 @@ def test_exec_runs_the_command_inside_the_namespace(net):
                      stdout=subprocess.PIPE, text=True)
     out, _ = proc.communicate(timeout=60)
     assert int(out) == os.stat(netns.NETNS_RUN_DIR / net.name).st_ino != os.stat("/proc/self/ns/net").st_ino
-    r = subprocess.run([sys.executable, "-m", "fixtures.netns", "exec", net.name], cwd=netns.REPO,
-                       capture_output=True, text=True, timeout=60)
+    r = cmd([sys.executable, "-m", "fixtures.netns", "exec", net.name], check=False, cwd=netns.REPO, timeout=60)
     assert r.returncode == 2 and "usage" in r.stderr
 
 
@@ -210,7 +211,7 @@ def test_blob_server_across_the_veth_and_a_link_cut(net, tmp_path, sockdir):
             assert net.link_state()["ns"].startswith("DOWN")
         assert get(server.url, path, 10) == (200, data)
         with net.link_cut("host"):                              # the connected route goes too
-            route = subprocess.run(["ip", "-j", "route", "get", net.ns_addr], capture_output=True, text=True)
+            route = cmd(["ip", "-j", "route", "get", net.ns_addr], check=False)
             assert net.host_if not in route.stdout, route.stdout
             with pytest.raises(OSError) as info:
                 get(server.url, path, 1.0)

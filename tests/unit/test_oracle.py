@@ -1,4 +1,4 @@
-"""The erofs domain oracle against the reference conflict matrix (§2.6) and properties."""
+"""The erofs domain oracle against the conflict matrix (docs/domains.md#conflicts) and properties."""
 
 import errno
 from collections import Counter
@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from fixtures.observe.cachedir import predict_path
 from fixtures.oracle import KernelBug, Oracle, volume_key_for
 
-# Reference §7: the 11 cache files present after the run, all equal to the prediction.
+# A run on a 6.12.117 guest (the mounts of test_recorded_run_cache_files): the 11 cache files
+# present afterwards, all equal to the prediction.
 OBSERVED_612 = {
     "cache/Ierofs,img1/@83/Dimg1", "cache/Ierofs,dom/@7d/Dboot1", "cache/Ierofs,dom/@be/Dboot2",
     "cache/Ierofs,dom/@e2/DblobX", "cache/Ierofs,dom2/@8e/Dboot1", "cache/Ierofs,dom2/@3b/DblobX",
@@ -130,7 +131,7 @@ class TestConflictMatrix:
 
 class TestSharing:
     def test_shared_blob_opens_once(self):
-        # reference §7: the second domain mount with device=blobX opened only boot2
+        # seen on 6.12.117: the second domain mount with device=blobX opened only boot2
         o = Oracle()
         r1 = o.mount("m1", "boot1", "dom", ["blobX"])
         r2 = o.mount("m2", "boot2", "dom", ["blobX"])
@@ -181,8 +182,8 @@ class TestSharing:
         o.mount(2, "i2", blobs=["x"])
         assert o.cookies() == {("erofs,i1", "i1"), ("erofs,i1", "x"), ("erofs,i2", "i2"), ("erofs,i2", "x")}
 
-    def test_reference_run_cache_files(self):
-        # the mounts behind the 11 paths of reference §7
+    def test_recorded_run_cache_files(self):
+        # the mounts behind the 11 paths of OBSERVED_612
         o = Oracle()
         o.mount(1, "img1")
         o.mount(2, "boot1", "dom", ["blobX"])

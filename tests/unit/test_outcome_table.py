@@ -5,12 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fixtures.process_utils import cmd
+
 REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "outcome-table"
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True, cwd=REPO, timeout=120)
+    return cmd([sys.executable, TOOL, *args], check=False, cwd=REPO, timeout=120)
 
 
 def test_readme_outcome_table_is_current():

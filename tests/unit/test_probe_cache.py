@@ -21,13 +21,13 @@ def boots(tmp_path, monkeypatch):
     monkeypatch.delenv("MKFS_EROFS", raising=False)
     calls = []
 
-    def fake_run(cmd, **kw):
+    def fake_cmd(cmd, **kw):
         calls.append(cmd)
         kernel = Path(cmd[cmd.index("--kernel") + 1])
         answer = {"table": [["kernel release", kernel.read_text()]]}
         return subprocess.CompletedProcess(cmd, 0, "booting\n" + json.dumps(answer) + "\n", "")
 
-    monkeypatch.setattr(conftest.subprocess, "run", fake_run)
+    monkeypatch.setattr(conftest, "cmd", fake_cmd)
     return calls
 
 
@@ -53,7 +53,7 @@ def test_a_rebuilt_kernel_at_the_same_path_is_probed_again(tmp_path, boots):
 def test_a_kernel_that_does_not_boot_is_not_remembered(tmp_path, monkeypatch, boots):
     kernel = tmp_path / "bzImage"
     kernel.write_text("broken")
-    monkeypatch.setattr(conftest.subprocess, "run",
+    monkeypatch.setattr(conftest, "cmd",
                         lambda cmd, **kw: boots.append(cmd) or subprocess.CompletedProcess(cmd, 1, "", "panic"))
     for _ in range(2):
         with pytest.raises(pytest.UsageError, match="did not boot"):

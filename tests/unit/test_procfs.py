@@ -24,7 +24,7 @@ def sample(layout: str, name: str) -> str:
     return (DATA / layout / name).read_text()
 
 
-# The FS-Cache block of the reference §7 snapshot (6.12.117 guest).
+# The FS-Cache block of data/proc-6.12/stats (6.12.117 guest, see data/README.md).
 STATS_612 = {
     "Cookies": {"n": 3, "v": 1, "vcol": 0, "voom": 0},
     "Acquire": {"n": 5, "ok": 5, "oom": 0},
@@ -38,7 +38,7 @@ STATS_612 = {
 
 
 class TestSamples612:
-    """Recorded on 6.12.117 (reference §7), see data/README.md."""
+    """Recorded on 6.12.117, see data/README.md."""
 
     def test_caches(self):
         assert parse_caches(sample("proc-6.12", "caches")) == [Cache(1, 2, 1, 3, 1, "A", "mytag")]
@@ -51,7 +51,7 @@ class TestSamples612:
         assert [c.key_text for c in cookies] == ["boot1", "blobX", "boot2"]
         assert cookies[0] == Cookie(4, 4, 2, 1, 0, "A", 0x6134, b"boot1", None)
         assert {c.volume_id for c in cookies} == {4}
-        # the reference decodes FL 6134 as these bits (include/linux/fscache.h)
+        # FL 6134 decoded with the FSCACHE_COOKIE_* bit numbers (include/linux/fscache.h)
         assert cookies[1].flag_names == (
             "IS_CACHING", "NEEDS_UPDATE", "HAS_BEEN_CACHED", "NO_ACCESS_WAKE", "HAVE_DATA", "IS_HASHED")
         assert cookies[2].state_name == "ACTIVE"

@@ -17,7 +17,7 @@ def texts(layout: str, **override) -> dict:
 
 SNAP_612 = texts("proc-6.12")
 
-# An earlier point of the §7 run, re-numbered: only boot1 and blobX were mounted and
+# An earlier point of the data/proc-6.12 run, re-numbered: only boot1 and blobX were mounted and
 # the volume/cookie debug ids differ (ids must not be used for matching).
 BEFORE_612 = dict(
     caches=SNAP_612["caches"],

@@ -1,18 +1,22 @@
-"""Build mkfs.erofs, dump.erofs and fsck.erofs for the test suite.
+"""The erofs-utils under test: named once, then used by every tool, image and test.
 
-Two sources:
+`resolve(mkfs=, src=)` picks it, in this order:
 
-* `build_from_tree(src)`: an erofs-utils source tree (erofs-utils CI passes the tree
-  under test).  The tree is copied (git-tracked and untracked-but-not-ignored files, or
-  everything but build products outside git), so the caller's tree is never written to.
-* `build_from_debian()`: the newest `erofs-utils` source package of Debian sid, fetched
-  through `debian.PrivateApt` (a private apt configuration; the system one is untouched).
+* a binary (`--mkfs`, `$MKFS_EROFS`): used as it is, with dump.erofs and fsck.erofs beside
+  it; nothing is built or downloaded;
+* an erofs-utils source tree (`--erofs-utils-src`, `$EROFS_TEST_EROFS_UTILS_SRC`):
+  `build_from_tree()` copies its source files (never writing to the tree) and builds the copy
+  as erofs-utils builds itself (`./autogen.sh`, `./configure`, `make`), with the tree's own
+  configure defaults (plus `$EROFS_UTILS_CONFIGURE_FLAGS`);
+* nothing: `build_from_debian()`, Debian sid's newest `erofs-utils` source package (keyed by
+  its version), fetched through `debian.PrivateApt` and built with the suite's recipe
+  (`CONFIGURE_FLAGS`).  Never "whatever build happens to be in the cache".
 
 Builds land in `<cache>/erofs-utils/<key>/bin/` where `<cache>` is `$EROFS_TEST_CACHE`
 (default `~/.cache/erofs-fscache-tests`) and `<key>` identifies the source (a digest of the
-tree's content and version string, or the Debian version).  A finished entry is reused;
-entries are created by an atomic rename of a private work directory, so several processes
-(or VMs sharing the cache over 9p) never see a half-built entry.
+tree's source files, or the Debian version).  A finished entry is reused without autoconf
+or a compiler; entries are created by an atomic rename of a private work directory, so
+several processes (or VMs sharing the cache over 9p) never see a half-built entry.
 """
 
 from __future__ import annotations
@@ -32,12 +36,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import debian, deps
-from .paths import cache_root
+from .paths import REPO, cache_root
 
-TOOLS = {"mkfs": "mkfs.erofs", "dump": "dump.erofs", "fsck": "fsck.erofs"}
-ENV_NAMES = {"mkfs": "MKFS_EROFS", "dump": "DUMP_EROFS", "fsck": "FSCK_EROFS"}
+if str(REPO) not in sys.path:  # fixtures/erofs_tools.py: the one probe of the tools
+    sys.path.insert(0, str(REPO))
+from fixtures import erofs_tools  # noqa: E402
+
+TOOLS = erofs_tools.NAMES
+ENV_NAMES = erofs_tools.ENV
+SRC_ENV = "EROFS_TEST_EROFS_UTILS_SRC"
 # Bump when the recipe below changes, so old cache entries are not reused.
-RECIPE = 1
+RECIPE = 2
+# Debian builds only (the suite's own default erofs-utils); a tree is built with its own
+# configure defaults plus $EROFS_UTILS_CONFIGURE_FLAGS.
 CONFIGURE_FLAGS = [
     "--enable-lz4", "--enable-lzma", "--with-uuid", "--with-zlib",
     # optional features left out, so the result does not depend on what the host has
@@ -45,7 +56,6 @@ CONFIGURE_FLAGS = [
     "--without-qpl", "--without-xxhash", "--without-libcurl", "--without-openssl",
     "--without-libxml2", "--without-json-c", "--without-libnl3",
 ]  # fmt: skip
-SUBDIRS = ["lib", "mkfs", "dump", "fsck"]
 
 BUILD_DEPS = (
     deps.Dep("autoconf", "autoconf"),
@@ -82,7 +92,10 @@ class ErofsUtils:
     cached: bool = False
 
     def env(self) -> dict[str, str]:
-        return {ENV_NAMES[k]: getattr(self, k) for k in TOOLS}
+        return {ENV_NAMES[k]: getattr(self, k) for k in TOOLS if getattr(self, k)}
+
+    def tools(self) -> erofs_tools.Tools:
+        return erofs_tools.Tools(self.mkfs, self.dump or None, self.fsck or None)
 
 
 def _stderr(msg: str) -> None:
@@ -112,18 +125,9 @@ def _entry(root: Path, key: str) -> ErofsUtils | None:
     return utils
 
 
-def tool_version(path: str) -> str:
-    """The version string printed by `<tool> --version` (e.g. `1.9.4`)."""
-    out = subprocess.run([path, "--version"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         check=True).stdout
-    return out.strip().splitlines()[0].split()[-1]
-
-
 def _works(utils: ErofsUtils) -> bool:
-    try:
-        return all(tool_version(getattr(utils, k)) == utils.version for k in TOOLS)
-    except (subprocess.CalledProcessError, OSError, IndexError):
-        return False
+    """All three run (their libraries are installed) and report the recorded version."""
+    return all(erofs_tools.version(getattr(utils, k)) == utils.version for k in TOOLS)
 
 
 def _newest_debian_entry(root: Path) -> ErofsUtils | None:
@@ -134,15 +138,38 @@ def _newest_debian_entry(root: Path) -> ErofsUtils | None:
     return max(entries, key=key, default=None)
 
 
-def find_built(cache: Path | None = None) -> ErofsUtils | None:
-    """The most recently built cache entry, or None."""
-    root = (cache or cache_root()) / "erofs-utils"
-    if not root.is_dir():
-        return None
-    entries = [e for e in (_entry(root, d.name) for d in root.iterdir() if d.is_dir()) if e]
-    if not entries:
-        return None
-    return max(entries, key=lambda e: Path(e.mkfs).stat().st_mtime)
+def from_binary(mkfs: str | os.PathLike) -> ErofsUtils:
+    """The erofs-utils a given mkfs.erofs belongs to: dump/fsck beside it ($DUMP_EROFS and
+    $FSCK_EROFS only when $MKFS_EROFS names this mkfs).  Builds and downloads nothing."""
+    path = os.path.abspath(mkfs)
+    if not os.path.isfile(path) or not os.access(path, os.X_OK):
+        raise BuildError(f"mkfs.erofs {mkfs!r} is not an executable file")
+    named_by_env = os.path.abspath(os.environ.get(ENV_NAMES["mkfs"]) or "/nonexistent") == path
+    tools = erofs_tools.Tools.beside(path, env=named_by_env)
+    version = erofs_tools.version(path)
+    if version is None:
+        raise BuildError(f"{path} --version failed: not a working mkfs.erofs, or one older than 1.8 "
+                         "(1.7 has no --version; the suite supports 1.8 and newer)")
+    return ErofsUtils(mkfs=tools.mkfs, dump=tools.dump or "", fsck=tools.fsck or "", version=version,
+                      source=f"given: {path}", key=erofs_tools.identity(path)[:16], build_seconds=0.0,
+                      cached=True)
+
+
+def resolve(mkfs: str | os.PathLike | None = None, src: str | os.PathLike | None = None, *,
+            log: Callable[[str], None] = _stderr) -> ErofsUtils:
+    """The erofs-utils under test: the binary `mkfs` as it is, or the tree `src` built (given
+    on the command line); else $MKFS_EROFS, or $EROFS_TEST_EROFS_UTILS_SRC; else Debian's.
+    Naming both at the same level is an error."""
+    if not (mkfs or src):
+        mkfs, src = os.environ.get(ENV_NAMES["mkfs"]) or None, os.environ.get(SRC_ENV) or None
+    if mkfs and src:
+        raise BuildError(f"both a mkfs.erofs ({mkfs}) and an erofs-utils tree ({src}) were named; "
+                         "name one (the tree's build is <tree>/mkfs/mkfs.erofs)")
+    if mkfs:
+        return from_binary(mkfs)
+    if src:
+        return build_from_tree(src, log=log)
+    return build_from_debian(log=log)
 
 
 @contextlib.contextmanager
@@ -165,12 +192,12 @@ def _cached_or_build(
     log: Callable[[str], None],
 ) -> ErofsUtils:
     root = (cache or cache_root()) / "erofs-utils"
-    require_build_deps()  # also on a cache hit: the binaries need those libraries at run time
     with _lock(root / f".{key}.lock"):
         hit = None if rebuild else _entry(root, key)
-        if hit and _works(hit):
+        if hit and _works(hit):  # runs the tools: their run-time libraries are there
             log(f"erofs-utils {hit.version}: cached in {root / key}")
             return hit
+        require_build_deps()
         work = root / f".{key}.work-{os.getpid()}"
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
@@ -213,9 +240,9 @@ def _build(
     srcdir: Path, work: Path, key: str, source: str, env: dict[str, str], *, jobs: int | None,
     log: Callable[[str], None],
 ) -> ErofsUtils:
+    """Build as erofs-utils builds itself, in the (private) source copy."""
     jobs = jobs or os.cpu_count() or 1
-    build = work / "build"
-    build.mkdir()
+    flags = env.pop("CONFIGURE_FLAGS", "").split()
     logfile = _logfile(work, key)  # next to the work dir: kept when the build fails
     logfile.write_text("")
     env = {**os.environ, **env, "LC_ALL": "C"}
@@ -230,18 +257,20 @@ def _build(
             tail = "".join(logfile.read_text(errors="replace").splitlines(True)[-30:])
             raise BuildError(f"{title} failed (exit {rc}); log: {logfile}\n{tail}")
 
-    step("autogen.sh", "sh", "./autogen.sh", cwd=srcdir)
-    step("configure", str(srcdir / "configure"), *CONFIGURE_FLAGS, cwd=build)
-    for sub in SUBDIRS:
-        step(f"make -j{jobs} -C {sub}", "make", f"-j{jobs}", "-C", sub, cwd=build)
+    step("./autogen.sh", "sh", "./autogen.sh", cwd=srcdir)
+    step(f"./configure {' '.join(flags)}".rstrip(), "./configure", *flags, cwd=srcdir)
+    step(f"make -j{jobs}", "make", f"-j{jobs}", cwd=srcdir)
     bindir = work / "bin"
     bindir.mkdir()
     for k, name in TOOLS.items():
-        built = build / k / name
+        built = srcdir / k / name
         if not built.is_file() or built.read_bytes()[:4] != b"\x7fELF":
             raise BuildError(f"{built} was not built as an executable; see {logfile}")
         shutil.copy2(built, bindir / name)
-    version = tool_version(str(bindir / TOOLS["mkfs"]))
+    version = erofs_tools.version(bindir / TOOLS["mkfs"])
+    if version is None:
+        raise BuildError(f"{bindir / TOOLS['mkfs']} --version failed (erofs-utils before 1.8 has no --version; "
+                         f"the suite supports 1.8 and newer); see {logfile}")
     return ErofsUtils(
         **{k: str(bindir / n) for k, n in TOOLS.items()},
         version=version, source=source, key=key, build_seconds=0.0,
@@ -253,15 +282,39 @@ def _build(
 
 _IGNORED_OUTSIDE_GIT = {".git", "autom4te.cache", ".libs", ".deps"}
 _IGNORED_SUFFIXES = (".o", ".lo", ".la", ".a", ".so")
+# What a test run writes into a tree and never is erofs-utils source: left out of the build key
+# and the copy even when git does not ignore it.
+_RUN_JUNK = {"__pycache__", "results", ".tox", ".hypothesis", ".pytest_cache"}
+# A copy of this suite inside the tree (tools/plug-into-erofs-utils, or a submodule) is not
+# part of erofs-utils' build: its directory is recognised by this file.
+_SUITE_MARK = "fixtures/erofs_tools.py"
+
+
+def _source_only(files: list[str], tracked: set[str]) -> list[str]:
+    suites = [f[: -len(_SUITE_MARK)] for f in files if f == _SUITE_MARK or f.endswith("/" + _SUITE_MARK)]
+    out = []
+    for f in files:
+        if any(s and f.startswith(s) for s in suites) or (f not in tracked and _RUN_JUNK & set(f.split("/"))):
+            continue
+        out.append(f)
+    return out
+
+
+def _git_files(src: Path, *which: str) -> list[str]:
+    out = subprocess.run(["git", "--no-optional-locks", "-C", str(src), "ls-files", "-z", *which],
+                         capture_output=True, text=True, check=True).stdout
+    return [f for f in out.split("\0") if f]
 
 
 def _tree_files(src: Path) -> list[str]:
-    """Relative paths of the source files of `src` (read-only; never writes to the tree)."""
+    """Relative paths of the source files of `src` (read-only; never writes to the tree):
+    what git tracks plus untracked files it does not ignore, without what a test run writes
+    (results/, __pycache__/, ...) and without a copy of this suite."""
     try:
-        out = subprocess.run(["git", "--no-optional-locks", "-C", str(src), "ls-files", "-z", "--cached",
-                              "--others", "--exclude-standard"], capture_output=True, text=True, check=True).stdout
-        files = [f for f in out.split("\0") if f]
-        return sorted(f for f in files if (src / f).is_file() or (src / f).is_symlink())
+        tracked = set(_git_files(src, "--cached"))
+        files = sorted(tracked | set(_git_files(src, "--others", "--exclude-standard")))
+        files = [f for f in files if (src / f).is_file() or (src / f).is_symlink()]  # not deleted ones
+        return _source_only(files, tracked)
     except (subprocess.CalledProcessError, OSError):
         pass
     files = []
@@ -270,7 +323,7 @@ def _tree_files(src: Path) -> list[str]:
         for name in filenames:
             if not name.endswith(_IGNORED_SUFFIXES):
                 files.append(os.path.relpath(os.path.join(dirpath, name), src))
-    return sorted(files)
+    return _source_only(sorted(files), set())
 
 
 def _scm_version(src: Path) -> str:
@@ -284,13 +337,18 @@ def _scm_version(src: Path) -> str:
     return "unknown"
 
 
+def tree_configure_flags() -> list[str]:
+    return os.environ.get("EROFS_UTILS_CONFIGURE_FLAGS", "").split()
+
+
 def source_key(src: Path) -> tuple[str, str, list[str]]:
-    """(cache key, version string, files): the key digests the content of every source file
-    and the version string (which carries the git commit and -dirty)."""
+    """(cache key, version string, files): the key digests the content of every source file,
+    the version string (which carries the git commit and -dirty) and the configure flags."""
     src = src.resolve()
     files = _tree_files(src)
     version = _scm_version(src)
-    h = hashlib.sha256(f"recipe={RECIPE}\0version={version}\0".encode())
+    flags = " ".join(tree_configure_flags())
+    h = hashlib.sha256(f"recipe={RECIPE}\0version={version}\0flags={flags}\0".encode())
     for rel in files:
         p = src / rel
         h.update(rel.encode() + b"\0")
@@ -319,7 +377,7 @@ def build_from_tree(
             target = dest / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src / rel, target, follow_symlinks=False)
-        return dest, {"EROFS_UTILS_VERSION": version}
+        return dest, {"EROFS_UTILS_VERSION": version, "CONFIGURE_FLAGS": " ".join(tree_configure_flags())}
 
     log(f"erofs-utils from {src} (version {version}, key {key})")
     return _cached_or_build(key, str(src), prepare, cache=cache, jobs=jobs, rebuild=rebuild, log=log)
@@ -336,7 +394,6 @@ def build_from_debian(
     log: Callable[[str], None] = _stderr,
 ) -> ErofsUtils:
     cache = cache or cache_root()
-    require_build_deps()
     apt = debian.PrivateApt(cache / "apt", mirror, log=log, max_age=0 if refresh else 24 * 3600)
     try:
         apt.update([DEBIAN_SUITE])
@@ -363,7 +420,8 @@ def build_from_debian(
                         "--no-same-permissions"], check=True)
         top = work / "unpack" / tops.pop() if len(tops) == 1 else work / "unpack"
         os.rename(top, dest)
-        return dest, {"EROFS_UTILS_VERSION": debian.split_version(version)[1]}
+        return dest, {"EROFS_UTILS_VERSION": debian.split_version(version)[1],
+                      "CONFIGURE_FLAGS": " ".join(CONFIGURE_FLAGS)}
 
     log(f"erofs-utils {version} from Debian {DEBIAN_SUITE}")
     return _cached_or_build(key, f"debian:{DEBIAN_PACKAGE}={version}", prepare, cache=cache, jobs=jobs,
