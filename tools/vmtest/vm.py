@@ -208,8 +208,10 @@ class GuestRun:
                         kvm_failure.extend(list(scan.tail)[-20:])
                         guard.kill_group(proc.pid)
 
-        # From here on a SIGTERM/SIGHUP (or SIGINT) ends the VM before this process exits.
-        old = {sig: signal.signal(sig, guard.raise_ended) for sig in (signal.SIGTERM, signal.SIGHUP)}
+        # From here on a SIGTERM, SIGHUP or SIGINT ends the VM before this process exits. SIGINT
+        # gets a handler too: a process started in the background of a non-interactive shell
+        # inherits SIGINT ignored, and Python then installs no KeyboardInterrupt for it.
+        old = {sig: signal.signal(sig, guard.raise_ended) for sig in guard.HELD}
         try:
             # Signals wait until `proc` and `keeper` are set: a stop between the fork and
             # the assignment would leave the VM unknown here and unguarded.
