@@ -137,6 +137,7 @@ def prebuild_images() -> None:
     from tests.fscache import image_set
 
     start = time.monotonic()
+    os.environ["EROFS_TEST_SEED"] = str(image_seed())  # the guests use the seed built here
     small = ImageFactory(image_cache_dir(), os.environ["MKFS_EROFS"], seed=image_seed())
     tiny = copy.copy(small)
     tiny.profile = "tiny"
@@ -186,9 +187,40 @@ def probe_guest(kernel: Path) -> dict | None:
     )
 
 
+def prune_cache() -> None:
+    """Old launch scripts, kernels, build dirs and images go at every session start
+    (tools/vmtest/cachegc.py; `tools/cache` shows them)."""
+    from vmtest import cachegc
+    from vmtest.paths import cache_root
+
+    removed = cachegc.prune(cache_root())
+    if removed:
+        print("erofs-fscache: pruned the cache: " + ", ".join(f"{n} {k}" for k, n in removed.items())
+              + " (tools/cache --list)", file=sys.stderr)
+
+
+def worker_count(config) -> int:
+    return sum(int(tx.split("*", 1)[0]) if "*" in tx else 1 for tx in (config.getoption("tx", None) or []))
+
+
 def pytest_configure(config):
     results = config.getoption("results") or Path(os.environ.get("EROFS_TEST_RESULTS") or REPO / "results")
     os.environ["EROFS_TEST_RESULTS"] = str(Path(results).resolve())
+    if not (is_worker(config) or in_vm()):
+        # Before any default is resolved: the reproduce line names what the user chose.
+        from fixtures import reproduce
+
+        mode = "vm" if vm_mode(config) else "host" if config.getoption("host_mode") else "controller"
+        os.environ[reproduce.ENV] = shlex.join(reproduce.config_prefix(config, mode))
+        if vm_mode(config):
+            prune_cache()
+            if config.getoption("maxworkerrestart", None) is None:
+                # xdist restarts crashed --tx workers without limit (with -n: 4 per worker);
+                # a kernel that oopses in every test would boot a VM per test. Under -x a
+                # crash is the first failure: xdist would still start a new VM, give it
+                # tests, and stop only when that one crashed too.
+                restarts = 0 if config.getoption("maxfail", 0) == 1 else 4 * worker_count(config)
+                config.option.maxworkerrestart = str(restarts)
     if strict_mode(config):
         os.environ["EROFS_TEST_STRICT"] = "1"
     if is_worker(config) or in_vm():

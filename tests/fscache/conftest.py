@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from fixtures.paths import work_root
+
 
 @pytest.fixture(autouse=True)
 def _fscache_backend(require):
@@ -80,7 +82,7 @@ def _test_of_shared_daemon(shared_daemon, kmsg, artifacts, prefix: str):
 
     window = shared_daemon.window()
     WATCHDOG.register(window.kill)
-    table = MountTable(root=Path("/tmp/erofs-fscache-tests/mnt") / unique(prefix), kmsg=kmsg)
+    table = MountTable(root=work_root() / "mnt" / unique(prefix), kmsg=kmsg)
     yield window, table
     errors = [f"unmount failed at teardown: {e}" for e in table.close()]
     errors += end_test(window, artifacts / "daemon-requests.jsonl")
@@ -159,7 +161,7 @@ def plain_mounts(daemons, kmsg):
     from fixtures.mounts import MountTable
     from fixtures.plugin import unique
 
-    table = MountTable(root=Path("/tmp/erofs-fscache-tests/mnt") / unique("p"), kmsg=kmsg)
+    table = MountTable(root=work_root() / "mnt" / unique("p"), kmsg=kmsg)
     yield table
     errors = table.close()
     if errors:

@@ -85,3 +85,31 @@ def test_watchdog_kills_the_daemon_of_a_hung_test(images, daemon, mounts):
     assert WATCHDOG.fired, "the watchdog did not fire"
     assert result.get("errno") in (errno.EIO, errno.ENOBUFS, errno.EINTR), result
     assert daemon.proc.wait(10) == -9, "the daemon was not killed by the watchdog"
+
+
+def test_the_host_knows_which_test_runs_and_its_bound(request):
+    """The VM wrapper ends a guest whose test outlives its bound (tools/vmtest/guard.py), a
+    task in D state being beyond pytest-timeout's reach; it reads the test and the bound
+    from the state file the guest writes."""
+    import json
+    import os
+    from pathlib import Path
+
+    path = os.environ.get("EROFS_TEST_VM_STATE")
+    if not path:
+        pytest.skip("not in a VM started by tools/vm-python")
+    state = json.loads(Path(path).read_text())
+    assert state["test"] == request.node.nodeid, state
+    assert state["bound"] > request.config.getoption("test_timeout"), state
+
+
+def test_the_guest_finds_the_images_the_host_prebuilt(images):
+    """The controller builds the images of its seed (EROFS_TEST_SEED) before the VMs start;
+    a guest that did not get the seed would build another seed's images itself."""
+    import os
+
+    if os.environ.get("EROFS_TEST_IN_VM") != "1":
+        pytest.skip("host mode: no controller prebuilds images")
+    assert os.environ.get("EROFS_TEST_SEED") == str(images.seed), "the controller's seed did not reach the guest"
+    img = images.single("smoke")
+    assert img.cached, f"the guest built the smoke image of seed {images.seed} itself: the host prebuilt another seed"

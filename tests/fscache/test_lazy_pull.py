@@ -25,6 +25,7 @@ from tabulate import tabulate
 from fixtures import netns
 from fixtures.blobserver import BlobServerProcess
 from fixtures.mounts import MountError
+from fixtures.paths import work_root
 from fixtures.plugin import unique
 
 FETCH_TIMEOUT = 3.0       # the daemon's --fetch-timeout (seconds per HTTP request)
@@ -72,7 +73,7 @@ def registry(net, _network_rig, artifacts):
     if server is None or not server.alive:
         server = _network_rig["server"] = BlobServerProcess(
             _network_rig["dir"] / "root", host=net.ns_addr, netns=net,
-            admin_socket=Path("/tmp/erofs-fscache-tests") / f"{unique('bs')}.sock",
+            admin_socket=work_root() / f"{unique('bs')}.sock",
             log_path=_network_rig["dir"] / "blobserver-stderr.log").start()
     server.client.clear_faults()
     server.client.reset()

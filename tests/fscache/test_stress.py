@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fixtures.mounts import MS_RDONLY, build_options, sys_mount, umount_when_idle
+from fixtures.paths import work_root
 from fixtures.plugin import unique
 from fixtures.race import Attempts, Span, Timeline, overlaps
 from tests.fscache.helpers_faults import (
@@ -137,7 +138,7 @@ def test_domain_mount_churn_with_readers(env, tiny_images, kmsg, artifacts):
     anchor = unique("anchor")
     serve_members(env, image, blob, [anchor])
     a = env.mounts.mount_erofs(anchor, domain_id=domain, devices=[blob])
-    root = Path("/tmp/erofs-fscache-tests/mnt") / unique("churn")
+    root = work_root() / "mnt" / unique("churn")
     race = Attempts("member mounts/umounts of different threads overlapping each other and the anchor's "
                     "readers", wanted=1, limit=RACE_ATTEMPTS)
     report = []
@@ -198,7 +199,7 @@ def test_last_member_leaves_while_another_joins(env, tiny_images, kmsg, artifact
     reported and repeated."""
     image = tiny_images.blobdev("stress")
     domain, blob = unique("hdom"), unique("hblob")
-    root = Path("/tmp/erofs-fscache-tests/mnt") / unique("handover")
+    root = work_root() / "mnt" / unique("handover")
     race = Attempts("one thread's umount of the last member in flight with the other's mount",
                     wanted=1, limit=RACE_ATTEMPTS)
     report = []

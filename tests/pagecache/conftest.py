@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from fixtures.paths import work_root
+
 
 @pytest.fixture(autouse=True)
 def _kernel_checks(kernel_checks):
@@ -67,7 +69,7 @@ def pc_mounts(kmsg):
     from fixtures.pagecache.mounts import PcMountTable
     from fixtures.plugin import unique
 
-    table = PcMountTable(root=Path("/tmp/erofs-fscache-tests/pcmnt") / unique("t"), kmsg=kmsg)
+    table = PcMountTable(root=work_root() / "pcmnt" / unique("t"), kmsg=kmsg)
     yield table
     errors = table.close()
     if errors:

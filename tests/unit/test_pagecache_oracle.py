@@ -137,3 +137,19 @@ def test_groups_and_errors():
     with pytest.raises(KeyError):
         o.lookup("m1", "nope")
     assert o.groups() == [{("m1", "a"), ("m1", "copy-of-a")}]
+
+
+def test_drop_caches_2_keeps_an_unshared_inode_that_has_pages():
+    """inode_lru_isolate() skips an inode whose own mapping has pages (mapping_shrinkable()):
+    an unshared file that was read keeps its inode, pages and verdict; members of a shared file
+    hold no pages of their own and go (seen on 7.2.13: the oracle had evicted both)."""
+    o = Oracle()
+    mount(o, "m1")
+    mount(o, "plain", share=False)
+    o.read("m1", "a")
+    o.read("plain", "a")
+    o.drop_caches(2)
+    assert ("m1", "a") not in o.inodes and not o.resident("m1", "a")
+    assert ("plain", "a") in o.inodes and o.resident("plain", "a")
+    o.drop_caches(3)
+    assert ("plain", "a") not in o.inodes and not o.resident("plain", "a")

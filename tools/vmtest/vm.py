@@ -20,23 +20,27 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import deps
+from . import cachegc, deps, guard
 from .paths import REPO, cache_root
 
-# Environment the guest needs; vng forwards none.
+# Environment the guest needs; vng forwards none. Every EROFS_TEST_* setting goes too
+# (seed, work root, strictness, timeouts, ...): what the controller was told, the guest uses.
 FORWARDED_ENV = (
     "PATH", "LANG", "LC_ALL", "TERM", "PYTHONPATH", "PYTHONHASHSEED",
-    "EROFS_TEST_CACHE", "EROFS_TEST_RESULTS", "EROFS_TEST_STRICT", "EROFS_TEST_KERNEL",
     "MKFS_EROFS", "DUMP_EROFS", "FSCK_EROFS", "CI", "HYPOTHESIS_PROFILE",
-    "PYTEST_XDIST_WORKER", "PYTEST_XDIST_TESTRUNUID",
 )
-PANIC_RE = re.compile(r"Kernel panic|kernel BUG at|Oops:|general protection fault|end Kernel panic")
+FORWARDED_PREFIX = "EROFS_TEST_"
+BOOT_BOUND = 600.0  # boot, Python start and collection; TCG on a busy host took ~60 s
+POLL = 0.5  # seconds between checks of the guest's bounds
 
 
 def vng_path() -> str:
-    exe = Path(sys.executable).with_name("vng")
-    if exe.exists():
-        return str(exe)
+    """vng from the venv of this Python or of the controller's (EROFS_TEST_PYTHON: a venv's
+    pytest run without activating the venv starts tools/vm-python with the system python3)."""
+    for python in (sys.executable, os.environ.get("EROFS_TEST_PYTHON")):
+        exe = Path(python).with_name("vng") if python else None
+        if exe and exe.exists():
+            return str(exe)
     found = shutil.which("vng")
     if not found:
         raise deps.ToolError(
@@ -44,6 +48,14 @@ def vng_path() -> str:
             "Use the tox environments (`tox -e vm`), or `pip install virtme-ng` in your venv."
         )
     return found
+
+
+def vng_env(vng: str) -> dict[str, str]:
+    """vng runs virtme-run (and the guest's virtme-init helpers) through PATH: put the venv
+    it came from first, so `.tox/vm/bin/pytest ...` works without activating the venv."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(vng).parent), env.get("PATH", os.defpath)])
+    return env
 
 
 KVM_PROBE_TIMEOUT = 20  # the boot to the no-root panic took 1.5 s under TCG here; KVM is faster
@@ -130,6 +142,8 @@ class GuestRun:
     console_log: Path | None = None
     cwd: Path = REPO
     interactive: bool = False
+    state_file: Path | None = None  # the running test and its bound, written by the guest
+    lifetime: float = field(default_factory=guard.lifetime_from_env)
 
     def vng_argv(self) -> list[str]:
         argv = [vng_path(), "--run", str(self.kernel), "--force-9p", "--user", "root",
@@ -159,26 +173,27 @@ class GuestRun:
         return path
 
     def run(self) -> int:
-        """Run with stdin/stdout inherited; stderr (console) copied to the log file."""
+        """Run with stdin/stdout inherited; stderr (console) copied to the log file.
+
+        The guest is ended early for the reasons in guard.py; why it ended, with the console
+        lines that show it, goes to stderr and to `crash_report_path(console_log)`."""
         deps.check(deps.VM_RUN, "boot the test kernel")
         if not Path(self.kernel).is_file():
             raise deps.ToolError(f"kernel image {self.kernel} does not exist; build one with tools/build-kernel")
         argv = self.vng_argv()
         if self.interactive:
-            return subprocess.call(argv)
-        log = open(self.console_log, "w") if self.console_log else None  # noqa: SIM115
-        # Its own process group, so that qemu goes with vng when the guest must be stopped.
-        proc = subprocess.Popen(argv, stdin=sys.stdin, stdout=sys.stdout, stderr=subprocess.PIPE,
-                                start_new_session=True)
-        panic: list[str] = []
-        recent: list[str] = []
+            return subprocess.call(argv, env=vng_env(argv[0]))
+        lifetime = guard.Lifetime(time.monotonic(), self.lifetime)
+        cachegc.mark_used(Path(self.kernel))
+        if self.state_file:
+            guard.write_state(self.state_file, "(boot and collection)", BOOT_BOUND)
+        scan = guard.ConsoleScan()
+        clock = guard.TestClock(Path(self.state_file)) if self.state_file else None
+        lock = threading.Lock()
         kvm_failure: list[str] = []
-
-        def stop_guest():
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        log = open(self.console_log, "w") if self.console_log else None  # noqa: SIM115
+        proc = keeper = None
+        ended = None
 
         def pump():
             for raw in proc.stderr:
@@ -186,44 +201,99 @@ class GuestRun:
                 if log:
                     log.write(line)
                     log.flush()
-                recent.append(line)
-                del recent[:-60]
-                if PANIC_RE.search(line) and not panic:
-                    panic.extend(recent[-30:])
-                    # A guest oops may wedge it; keep collecting lines after it.
-                if panic and len(panic) < 80 and line not in panic:
-                    panic.append(line)
-                if KVM_FAILURE_RE.search(line) and not kvm_failure:
-                    # qemu pauses the guest for good after a KVM internal error.
-                    kvm_failure.extend(recent[-20:])
-                    stop_guest()
+                with lock:
+                    scan.feed(line, time.monotonic())
+                    if KVM_FAILURE_RE.search(line) and not kvm_failure:
+                        # qemu pauses the guest for good after a KVM internal error.
+                        kvm_failure.extend(list(scan.tail)[-20:])
+                        guard.kill_group(proc.pid)
 
-        t = threading.Thread(target=pump, daemon=True)
-        t.start()
+        # From here on a SIGTERM, SIGHUP or SIGINT ends the VM before this process exits. SIGINT
+        # gets a handler too: a process started in the background of a non-interactive shell
+        # inherits SIGINT ignored, and Python then installs no KeyboardInterrupt for it.
+        old = {sig: signal.signal(sig, guard.raise_ended) for sig in guard.HELD}
         try:
-            rc = proc.wait()
-        except BaseException:
-            stop_guest()
+            # Signals wait until `proc` and `keeper` are set: a stop between the fork and
+            # the assignment would leave the VM unknown here and unguarded.
+            with guard.signals_held():
+                # Its own process group, so that qemu goes with vng when the guest must be stopped.
+                proc = subprocess.Popen(argv, stdin=sys.stdin, stdout=sys.stdout, stderr=subprocess.PIPE,
+                                        start_new_session=True, preexec_fn=guard.release_signals,
+                                        env=vng_env(argv[0]))
+                keeper = guard.Guard(proc.pid)
+            t = threading.Thread(target=pump, daemon=True)
+            t.start()
+            while True:
+                try:
+                    rc = proc.wait(timeout=POLL)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                now = time.monotonic()
+                with lock:
+                    crashed = scan.due(now)
+                why = (f"the guest kernel crashed ({scan.headline()}); the VM was ended "
+                       f"{now - scan.first_at:.1f} s after that line" if crashed else
+                       (clock and clock.overdue(now)) or lifetime.over(now))
+                if why and not ended:
+                    ended = why
+                    guard.kill_group(proc.pid)
+                    _say(f"vm: ending the VM: {why}\n")
+        except BaseException as e:
+            if proc:
+                guard.kill_group(proc.pid)
+                proc.wait()
+                self._explain(f"the VM wrapper was stopped ({type(e).__name__} {e})", scan, lock, echo=False)
             raise
+        finally:
+            if keeper:
+                keeper.done()
+            self._restore(old)
         t.join(5)
         if log:
             log.close()
-        where = f" (full console log: {self.console_log})" if self.console_log else ""
         if kvm_failure:
             forget_kvm(kvm_failure[-1])
-            sys.stderr.write(f"vm: KVM stopped the guest{where}; console lines before it:\n"
-                             + "".join(kvm_failure))
+            self._explain("KVM stopped the guest", scan, lock, kvm_failure)
             return rc if rc else 1
-        if panic:
-            sys.stderr.write(
-                f"vm: the guest kernel crashed{where}; console lines around it:\n"
-                + "".join(panic[:80])
-            )
-        return rc
+        if scan.crashed:
+            self._explain(ended or f"the guest kernel crashed ({scan.headline()})", scan, lock)
+        elif ended or rc:
+            self._explain(ended or f"the VM ended with status {rc}", scan, lock)
+        return (rc or 1) if ended else rc
+
+    @staticmethod
+    def _restore(handlers: dict) -> None:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+    def _explain(self, why: str, scan: guard.ConsoleScan, lock: threading.Lock,
+                 lines: list[str] | None = None, echo: bool = True) -> None:
+        """Why the guest ended, and the console lines that show it: on stderr (only the
+        reason unless `echo`) and, for the controller's crash report, next to the console log."""
+        with lock:
+            shown = lines or scan.lines or list(scan.tail)
+            what = "console lines around it" if (lines or scan.lines) else "last console lines"
+        where = f" (full console log: {self.console_log})" if self.console_log else ""
+        text = f"vm: {why}{where}; {what}:\n" + "".join(shown)
+        _say(text if echo else f"vm: {why}; ended the VM{where}\n")
+        if self.console_log:
+            guard.crash_report_path(Path(self.console_log)).write_text(text)
+
+
+def _say(text: str) -> None:
+    """To stderr, which may be a pipe to a controller that is gone."""
+    try:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
 
 
 def guest_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    """The guest's environment: `FORWARDED_ENV` and every EROFS_TEST_* of this process,
+    then `extra`."""
+    env = {k: v for k, v in os.environ.items() if k in FORWARDED_ENV or k.startswith(FORWARDED_PREFIX)}
     env.update(extra or {})
     return env
 
@@ -237,7 +307,3 @@ def timestamped_log(results: Path, stem: str) -> Path:
     d = results / "console"
     d.mkdir(parents=True, exist_ok=True)
     return d / f"{stem}-{time.strftime('%H%M%S')}-{os.getpid()}.log"
-
-
-def quote(argv: list[str]) -> str:
-    return shlex.join(argv)
