@@ -393,3 +393,96 @@ def test_recorded_identical_kernels_report_no_change():
     c = compare.Comparison.of("default", "default", compare.load_runs(DATA / "same-a.jsonl"),
                               compare.load_runs(DATA / "same-b.jsonl"))
     assert len(c.unchanged) == len(c.tests) == 12 and c.exit_status == 0
+
+
+# ----------------------------------------------------------------- the tool's runs, with a fake runner
+def _compare_kernels_module():
+    import importlib.machinery
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "tools" / "compare-kernels"
+    loader = importlib.machinery.SourceFileLoader("compare_kernels", str(path))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader("compare_kernels", loader))
+    loader.exec_module(module)
+    return module
+
+
+BUG_TEST = "tests/fscache/test_domain_conflicts.py::test_device_naming_a_member_fsid_shares_its_primary_cookie"
+FILE_TEST = "tests/fscache/test_bad_input.py::test_mount_options[domain-no-fsid-file]"
+BANNER = "kmsg [log] erofs: (device erofs): {} fscache-based on-demand read feature in use. Use at your own risk!"
+
+
+def _fake_outcomes(side: str, tag: str) -> dict:
+    """A 6.1-like A against a 6.12-like B: T1 breaks on B, T5 fails on B's first run only,
+    T3 moves only as rule ondemand_deprecated says, a known-bug skip and a version-rule skip."""
+    first = tag == "run"
+    banner = {"A": ("does not hold", "EXPERIMENTAL"), "B": ("holds", "[deprecated]")}[side]
+    out = {
+        T1: ("failed", "RULE BROKEN: shared domain: one OPEN") if side == "B" else ("passed", None),
+        T5: ("failed", "RULE BROKEN: no ENOBUFS") if side == "B" and first else ("passed", None),
+        T3: ("passed", None, {"rule ondemand_deprecated": banner[0], BANNER.format(banner[1]): 1}),
+    }
+    if first:
+        out[BUG_TEST] = ("skipped", "known kernel bug on 6.1.192 (rule bug_shared_primary_inode, 6.1 - 6.2): "
+                         "probed in a VM of its own by tests/host") if side == "A" else ("passed", None)
+        out[FILE_TEST] = ("skipped", "rule file_backed_mount (>= 6.12) does not apply to kernel 6.1.192: the "
+                          "source must be a block device (ENOTBLK)") if side == "A" else ("passed", None)
+    return out
+
+
+def test_compare_kernels_reruns_differences_and_probes_known_bugs(tmp_path, monkeypatch):
+    """The tool's sequence with a fake runner: first runs, a rerun per --reruns of only the tests
+    that differ (not what the rule table declares), the known bug's probe on the side that skipped it."""
+    ck = _compare_kernels_module()
+    from vmtest import kernel, suite_run
+
+    images = {"A": tmp_path / "a" / "bzImage", "B": tmp_path / "b" / "bzImage"}
+    monkeypatch.setattr(kernel, "bzimage_release", lambda p: "6.1.192" if p == images["A"] else "6.12.117")
+    started = []
+
+    def fake_run_parallel(runs, env, log=print, lock=None):
+        for r in runs:
+            started.append((r.label, r.outdir.name, [a for a in r.cmd if a.startswith("tests/")]))
+            r.outdir.mkdir(parents=True, exist_ok=True)
+            if r.label.endswith("probe"):
+                recs = [{"nodeid": compare.BUG_PROBES["bug_shared_primary_inode"], "outcome": "xfailed",
+                         "rule": "known kernel bug (rule bug_shared_primary_inode): inode outlives its superblock",
+                         "detail": ["VFS: Busy inodes after unmount of erofs", "general protection fault"]}]
+            else:
+                recs = [{"nodeid": n, "outcome": o[0], "rule": o[1], "observables": o[2] if len(o) > 2 else {}}
+                        for n, o in _fake_outcomes(r.label, r.outdir.name).items()
+                        if r.outdir.name == "run" or n in r.cmd]
+            r.observables.write_text("".join(json.dumps(x) + "\n" for x in recs))
+            r.returncode = 0
+
+    monkeypatch.setattr(suite_run, "run_parallel", fake_run_parallel)
+    out = tmp_path / "out"
+
+    def runs(tag, extra):
+        return [suite_run.SuiteRun(s, images[s], out / s / tag,
+                                   suite_run.pytest_command(images[s], out / s / tag, extra)) for s in ("A", "B")]
+
+    args = SimpleNamespace(reruns=2, pytest_args=["-k", "domains"], seed="1", hypothesis_seed="0")
+    side = SimpleNamespace(describe=lambda: "a side")
+    status = ck.compare_runs(args, side, side, images, {"A": 1.0, "B": 2.0}, 0.0, {}, runs,
+                             ["--hypothesis-seed=0", "-k", "domains"], out, 0.0)
+    assert status == 1
+    assert [(label, tag) for label, tag, _ in started] == [
+        ("A", "run"), ("B", "run"), ("A", "rerun1"), ("B", "rerun1"), ("A", "rerun2"), ("B", "rerun2"),
+        ("A probe", "host")]
+    # the differing tests only, without -k and the default path; not T3, whose every move is a
+    # rule that differs between the kernels (nor the declared skips)
+    assert started[2][2] == [T1, T5]
+    report = json.loads((out / "report.json").read_text())
+    groups = {g: [t["nodeid"] for t in ts] for g, ts in report["groups"].items() if ts}
+    assert groups == {"newly failing": [T1], "flaky": [T5], "changed by rules": [T3],
+                      "known kernel bug": [BUG_TEST], "version rule skip": [FILE_TEST]}
+    bug = report["groups"]["known kernel bug"][0]
+    assert bug["declared"]["doc"] == "docs/known-bugs/erofs-6.1-shared-primary-cookie.md"
+    assert bug["probe"]["console"] == ["VFS: Busy inodes after unmount of erofs", "general protection fault"]
+    assert report["groups"]["version rule skip"][0]["declared"]["rule"] == "file_backed_mount"
+    md = (out / "report.md").read_text()
+    assert ("Reruns: 2 test(s) differed in the first runs and ran 2 more time(s) on each side: "
+            "1 confirmed, 1 flaky") in md
+    assert "| file_backed_mount" in md and "general protection fault" in md
+    assert "| ondemand_deprecated" in md
