@@ -167,6 +167,67 @@ def test_failure_rule_first_line():
     assert record.failure_rule(SimpleNamespace(longrepr=None)) is None
 
 
+def test_failure_detail_keeps_an_xfails_console_lines():
+    xfail = SimpleNamespace(longrepr=SimpleNamespace(reprcrash=SimpleNamespace(
+        message="_pytest.outcomes.XFailed: known kernel bug (rule bug_x): y\nRESULT both members mounted\n"
+                "VFS: Busy inodes after unmount of erofs")))
+    assert record.failure_rule(xfail) == "known kernel bug (rule bug_x): y"
+    assert record.failure_detail(xfail) == ["RESULT both members mounted", "VFS: Busy inodes after unmount of erofs"]
+
+
+def test_declared_skips_are_read_from_the_rule_tables_own_messages():
+    from fixtures.kernel import KernelFeatures, Requirements
+
+    config = {"CONFIG_EROFS_FS_ONDEMAND": "y", "CONFIG_CACHEFILES_ONDEMAND": "y"}
+    reasons = []
+    for release, call in (("6.1.192", lambda r: r.rule("file_backed_mount")), ("6.0.5", lambda r: r.rule("restore")),
+                          ("6.1.192", lambda r: r.not_bug("bug_shared_primary_inode"))):
+        with pytest.raises(pytest.skip.Exception) as e:
+            call(Requirements(KernelFeatures(release, config, True), strict=True))
+        reasons.append(str(e.value))
+    skip = compare.declared_skip(compare.Run("skipped", reasons[0]))
+    assert (skip.kind, skip.rule, skip.kernels, skip.release) == ("version rule skip", "file_backed_mount",
+                                                                   ">= 6.12", "6.1.192")
+    skip = compare.declared_skip(compare.Run("skipped", reasons[1]))  # a range with parentheses in it
+    assert (skip.rule, skip.kernels, skip.release) == ("restore", "6.1.95+ (6.1.y), 6.6.35+ (6.6.y), >= 6.8", "6.0.5")
+    bug = compare.declared_skip(compare.Run("skipped", reasons[2]))
+    assert (bug.kind, bug.rule, bug.release) == ("known kernel bug", "bug_shared_primary_inode", "6.1.192")
+    assert bug.doc == "docs/known-bugs/erofs-6.1-shared-primary-cookie.md" and bug.doc in reasons[2]
+    assert compare.declared_skip(compare.Run("skipped", "kernel 6.1.192 lacks CONFIG_FS_DAX")) is None
+
+
+def test_log_lines_are_explained_by_the_rule_that_words_them():
+    rules = compare.rules_between("6.1.192", "6.12.117")
+    assert {"ondemand_deprecated", "fscache_core_log", "file_backed_mount"} <= set(rules)
+    assert "bug_shared_primary_inode" not in rules and "restore" not in rules
+    old, new = 'kmsg [log] FS-Cache: Cache "t#1" added', 'kmsg [log] netfs: Cache "t#1" added'
+    assert compare._explains(old, "1", "-", rules, "6.1.192") == "fscache_core_log"
+    assert compare._explains(new, "-", "1", rules, "6.1.192") == "fscache_core_log"
+    assert compare._explains(new, "1", "-", rules, "6.1.192") is None  # worded as the other kernel would
+    assert compare._explains("kmsg [log] erofs: mounted", "1", "2", rules, "6.1.192") is None
+    assert compare._explains("rule death_read_enobufs", "does not hold", "holds", rules, "6.1.192") == \
+        "death_read_enobufs"
+    # a test that asked about a differing rule: its other moves are that rule's expectations
+    c = compare.Comparison.of("6.1", "6.12",
+                              [{"t": compare.Run("passed", observables={"rule death_read_enobufs": "does not hold",
+                                                                        "errno": "EIO"}),
+                                "u": compare.Run("passed", observables={"stats IO.rd": 1})}],
+                              [{"t": compare.Run("passed", observables={"rule death_read_enobufs": "holds",
+                                                                        "errno": "ENOBUFS"}),
+                                "u": compare.Run("passed", observables={"stats IO.rd": 2})}],
+                              releases=("6.1.192", "6.12.117"))
+    assert [t.group for t in c.tests] == ["changed by rules", "changed observables"]
+    assert c.tests[0].rules == {"rule death_read_enobufs": "death_read_enobufs", "errno": "death_read_enobufs"}
+
+
+def test_normalizer_numbers_encoded_cache_names_and_cookie_debug_ids():
+    n = record.Normalizer()
+    assert n("cache/Ierofs,m3-12x4/@7f/Dm3-12x4") == "cache/Ierofs,m3-#1/@../Dm3-#1"
+    assert n("cache/Ierofs,c-bad-magic-12x5/@0a/E1PpjcU9jdLw70") == "cache/Ierofs,c-bad-magic-#1/@../E#1"
+    assert n("x/@../E#1") == "x/@../E#1"
+    assert record.Normalizer().kmsg("netfs: O-cookie c=00000023 [fl=6134]") == "netfs: O-cookie c=<hex> [fl=6134]"
+
+
 def test_observables_file_next_to_junit():
     cfg = SimpleNamespace(getoption=lambda name, default=None: None,
                           option=SimpleNamespace(xmlpath="results/junit-host.xml"))
