@@ -330,6 +330,15 @@ def test_farm_applies_a_series_without_touching_the_tree(farm_env):
     assert (got / "fs/erofs/super.c").stat().st_ino == (tree / "fs/erofs/super.c").stat().st_ino
     assert (got / "fs/erofs/fscache.c").stat().st_ino != (tree / "fs/erofs/fscache.c").stat().st_ino
     farm.built([series])
+    # built, but its build directory is gone (removed to rebuild from cold): applied again
+    messages = []
+    farm.prepare([series], {}, log=messages.append)
+    assert "already holds" not in messages[0] and "1 series applied" in messages[0]
+    assert (got / "fs/erofs/fscache.c").read_text() == "static int x = 3;\nstatic int y = 2;\n"
+    build = variants.builddir_for(got, {})
+    build.mkdir(parents=True)
+    (build / "vmlinux").write_bytes(b"")
+    farm.built([series])
     # the same series again: nothing is rewritten (nothing to rebuild)
     mtime = (got / "fs/erofs/fscache.c").stat().st_mtime_ns
     messages = []
