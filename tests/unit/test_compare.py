@@ -220,6 +220,12 @@ def test_log_lines_are_explained_by_the_rule_that_words_them():
                               releases=("6.1.192", "6.12.117"))
     assert [t.group for t in c.tests] == ["changed observables", "changed by rules"]
     assert c.tests[0].rules == {"rule death_read_enobufs": "death_read_enobufs"}
+    # only a rule it asked about differs, nothing it observed: unchanged, and not rerun
+    a = {"v": compare.Run("passed", observables={"rule sysfs_name_truncated": "does not hold", "mount 1": "OK"})}
+    b = {"v": compare.Run("passed", observables={"rule sysfs_name_truncated": "holds", "mount 1": "OK"})}
+    assert compare.Comparison.of("6.1", "6.12", [a], [b], releases=("6.1.192", "6.12.117")).tests[0].group == \
+        "unchanged"
+    assert compare.differing(a, b, ("6.1.192", "6.12.117")) == [] and compare.differing(a, b) == ["v"]
     assert "errno" in c.render() and "| death_read_enobufs" in c.render("github")
 
 

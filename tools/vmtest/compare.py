@@ -152,7 +152,8 @@ def differing(a: dict[str, Run], b: dict[str, Run],
         if _declared_difference(a[n], b[n]):
             return True
         d = classify(n, [a[n]], [b[n]], rules, releases[0])
-        return d.group == "changed by rules" and all(_explains(k, va, vb, rules, releases[0]) for k, va, vb in d.moved)
+        return d.group in ("changed by rules", "unchanged") and \
+            all(_explains(k, va, vb, rules, releases[0]) for k, va, vb in d.moved)
 
     return [n for n in a if n in b and first_run_differs(a[n], b[n]) and not declared(n)]
 
@@ -298,7 +299,11 @@ def classify(nodeid: str, a: list[Run], b: list[Run], rules: dict | None = None,
     elif d.moved:
         d.rules = _attribute(d, rules or {}, release_a)
         unexplained = [k for k, *_ in d.moved if k not in d.rules]
-        d.group = "changed observables" if unexplained else "changed by rules"
+        if unexplained:
+            d.group = "changed observables"
+        elif any(not k.startswith("rule ") for k, *_ in d.moved):
+            d.group = "changed by rules"
+        # else only the rules it asked about differ, nothing it observed: unchanged
     elif d.unsteady and first_run_differs(a[0], b[0]):
         d.group = "flaky"
     return d
