@@ -471,6 +471,12 @@ def _probe(t: TestDiff, md: bool) -> str:
     return f"**{title}**\n\n```\n{lines}\n```" if md else f"{title}\n" + "\n".join(f"    {x}" for x in t.probe.detail)
 
 
+def _cut(text: str, width: int = 140) -> str:
+    """A cell of the text and Markdown tables (the JSON report keeps every value whole)."""
+    text = str(text)
+    return text if len(text) <= width else f"{text[:width - 20]}... ({len(text)} chars)"
+
+
 def _block(text: str, md: bool) -> str:
     return f"```\n{text}\n```" if md else text
 
@@ -485,9 +491,9 @@ def rank(key: str) -> int:
 
 
 def _moved_table(t: TestDiff, fmt: str, max_rows: int) -> str:
-    rows = sorted([(k + (f" (rule {t.rules[k]})" if k in t.rules else ""), va, vb) for k, va, vb in t.moved],
-                  key=lambda r: rank(r[0]))
-    rows += [(f"{k} (varies between runs)", va, vb) for k, va, vb in t.unsteady]
+    rows = sorted([(_cut(k) + (f" (rule {t.rules[k]})" if k in t.rules and not k.startswith("rule ") else ""),
+                    _cut(va), _cut(vb)) for k, va, vb in t.moved], key=lambda r: rank(r[0]))
+    rows += [(f"{_cut(k)} (varies between runs)", _cut(va), _cut(vb)) for k, va, vb in t.unsteady]
     more = len(rows) - max_rows
     rows = rows[:max_rows]
     runs = f"{len(t.a)} run(s) of A, {len(t.b)} of B"
