@@ -227,6 +227,16 @@ def test_log_lines_are_explained_by_the_rule_that_words_them():
         "unchanged"
     assert compare.differing(a, b, ("6.1.192", "6.12.117")) == [] and compare.differing(a, b) == ["v"]
     assert "errno" in c.render() and "| death_read_enobufs" in c.render("github")
+    # what a rule the test asked about declares it moves (Rule.moves)
+    a = {"w": compare.Run("passed", observables={"rule unaligned_write_refused": "does not hold", "stats IO.wr": 2})}
+    b = {"w": compare.Run("passed", observables={"rule unaligned_write_refused": "holds", "stats IO.wr": 1,
+                                                 "stats IO.mis": 1})}
+    (t,) = compare.Comparison.of("6.1", "6.12", [a], [b], releases=("6.1.192", "6.12.117")).tests
+    assert t.group == "changed by rules" and set(t.rules.values()) == {"unaligned_write_refused"}
+    for side in (a, b):  # not asked about: not explained
+        side["w"].observables.pop("rule unaligned_write_refused")
+    assert compare.Comparison.of("6.1", "6.12", [a], [b], releases=("6.1.192", "6.12.117")).tests[0].group == \
+        "changed observables"
 
 
 def test_normalizer_numbers_encoded_cache_names_and_cookie_debug_ids():
@@ -234,6 +244,9 @@ def test_normalizer_numbers_encoded_cache_names_and_cookie_debug_ids():
     assert n("cache/Ierofs,m3-12x4/@7f/Dm3-12x4") == "cache/Ierofs,m3-#1/@../Dm3-#1"
     assert n("cache/Ierofs,c-bad-magic-12x5/@0a/E1PpjcU9jdLw70") == "cache/Ierofs,c-bad-magic-#1/@../E#1"
     assert n("x/@../E#1") == "x/@../E#1"
+    padded = "fsid=k12x3kkkkkkkk,domain_id=d12x4"
+    assert n(padded) == "fsid=k#1k+,domain_id=d#1" == n(padded)
+    assert record.Normalizer()("fsid=k1x3kkkkkkkkkk") == "fsid=k#1k+"  # one pid digit less, more filler
     assert record.Normalizer().kmsg("netfs: O-cookie c=00000023 [fl=6134]") == "netfs: O-cookie c=<hex> [fl=6134]"
 
 

@@ -152,8 +152,9 @@ def differing(a: dict[str, Run], b: dict[str, Run],
         if _declared_difference(a[n], b[n]):
             return True
         d = classify(n, [a[n]], [b[n]], rules, releases[0])
+        asked = _asked(d.moved, rules)
         return d.group in ("changed by rules", "unchanged") and \
-            all(_explains(k, va, vb, rules, releases[0]) for k, va, vb in d.moved)
+            all(_explains(k, va, vb, rules, releases[0], asked) for k, va, vb in d.moved)
 
     return [n for n in a if n in b and first_run_differs(a[n], b[n]) and not declared(n)]
 
@@ -173,13 +174,22 @@ def rules_between(release_a: str | None, release_b: str | None) -> dict:
     return {r.name: r for r in differing_rules(parse_release(release_a), parse_release(release_b))}
 
 
-def _explains(key: str, va: str, vb: str, rules: dict, release_a: str) -> str | None:
-    """The differing rule that explains one moved observable, if any: the rule itself, or a
-    log line present on one side only and worded as the rule says for that side."""
+def _asked(moved: list[tuple[str, str, str]], rules: dict) -> list[str]:
+    """The differing rules a test asked about (its moved `rule X` rows)."""
+    return [k[5:] for k, *_ in moved if k.startswith("rule ") and k[5:] in rules]
+
+
+def _explains(key: str, va: str, vb: str, rules: dict, release_a: str, asked=()) -> str | None:
+    """The differing rule that explains one moved observable, if any: the rule itself, a log
+    line present on one side only and worded as the rule says for that side, or an observable
+    a rule the test asked about declares it moves (Rule.moves)."""
     from fixtures.kernel import parse_release
 
     if key.startswith("rule ") and key[5:] in rules:
         return key[5:]
+    for name in asked:
+        if any(re.search(p, key) for p in rules[name].moves):
+            return name
     m = re.match(r"kmsg \[log\] (.*)", key)
     if not m or (va == ABSENT) == (vb == ABSENT):
         return None
@@ -311,12 +321,14 @@ def classify(nodeid: str, a: list[Run], b: list[Run], rules: dict | None = None,
 
 def _attribute(d: TestDiff, rules: dict, release_a: str | None) -> dict[str, str]:
     """Moved observable -> the differing rule that explains it: the rule rows a test recorded
-    (the rules it asked about) and log lines worded as a differing rule says.  Other moves are
-    not attributed, even in a test that asked about a differing rule: fixtures ask about rules
-    for every mount, so asking says little about what moved."""
+    (the rules it asked about), log lines worded as a differing rule says, and what a rule the
+    test asked about declares it moves.  Nothing else is attributed, even in a test that asked
+    about a differing rule: fixtures ask about rules for every mount, so asking alone says
+    little about what moved."""
     if not rules or not release_a:
         return {}
-    return {k: r for k, va, vb in d.moved if (r := _explains(k, va, vb, rules, release_a))}
+    asked = _asked(d.moved, rules)
+    return {k: r for k, va, vb in d.moved if (r := _explains(k, va, vb, rules, release_a, asked))}
 
 
 @dataclass
