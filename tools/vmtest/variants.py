@@ -300,7 +300,8 @@ class Farm:
             for f in series_files(p):
                 touched += touched_paths(f.read_text(errors="surrogateescape"))
         self.touched = touched
-        if n == 0 and state.get("built") == series_digest(patches):
+        if n == 0 and state.get("built") == series_digest(patches) and \
+                (builddir_for(self.tree, options) / "vmlinux").exists():
             log(f"farm {self.tree}: already holds this series, built")
             self.seeded_from = None
             return self.tree
