@@ -25,7 +25,8 @@ from pathlib import Path
 from tabulate import tabulate
 
 from fixtures.daemons import DaemonWindow
-from fixtures.images import ErofsImage, Mismatch
+from fixtures.images import ErofsImage
+from fixtures.manifest import Mismatch
 from fixtures.mounts import ErofsMount, MountError, MountTable
 from fixtures.observe.cachedir import CacheDirListing, predict_path
 from fixtures.observe.snapshot import FscacheSnapshot, SnapshotDiff

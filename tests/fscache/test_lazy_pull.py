@@ -1,7 +1,7 @@
 """Lazy pulling over a network: the on-demand daemon fetches blobs from an HTTP blob server
 that lives in another network namespace, joined to the test's by a veth pair.
 
-    blob server (fixtures/blobserver.py)  <-- veth 10.213.x.0/30 -->  daemon --http-blob  <->  kernel
+    blob server (fixtures/blobserver/)  <-- veth 10.213.x.0/30 -->  daemon --http-blob  <->  kernel
 
 The server's counters (what crossed the network) and the daemon's request log (what the
 kernel asked for, what was fetched, what failed) are the two witnesses; every assertion
@@ -23,7 +23,7 @@ import pytest
 from tabulate import tabulate
 
 from fixtures import netns
-from fixtures.blobserver import BlobServerProcess
+from fixtures.blobserver.process import BlobServerProcess
 from fixtures.mounts import MountError
 from fixtures.paths import work_root
 from fixtures.plugin import unique
@@ -165,6 +165,39 @@ def largest_file(image) -> str:
     return max(image.manifest.files(), key=lambda p: (image.manifest[p].size or 0, p))
 
 
+@dataclass
+class LargestOverHttp:
+    """An image whose blobs the daemon fetches from the registry, mounted, and its largest
+    file: the one a test cuts mid-read."""
+
+    image: object
+    served: Served
+    mount: object
+    big: str                  # the file's path in the image
+    path: Path                # ... and under the mount
+    why: functools.partial    # explain() for this image: call it in an assertion message
+
+    @classmethod
+    def serve_and_mount(cls, name: str, tiny_images, daemon, mounts, registry, net) -> LargestOverHttp:
+        img = tiny_images.single(name)
+        served = serve_over_http(daemon, registry, img)
+        m = mounts.mount_erofs(img.fsid, devices=img.devices)
+        big = largest_file(img)
+        return cls(img, served, m, big, m.path / big.lstrip("/"),
+                   functools.partial(explain, registry, daemon, net, [served]))
+
+    def assert_reads_back(self, before_error: bytes, when: str) -> None:
+        """Once the fault is gone: the file reads back right, its first bytes are the ones
+        returned before the error, and every file of the image reads back right."""
+        data = self.path.read_bytes()
+        assert sha256(data) == self.image.manifest[self.big].sha256, (
+            f"{self.big}: wrong content {when}\n{self.why()}")
+        assert data[:len(before_error)] == before_error, (
+            f"{self.big}: wrong bytes were returned before the error\n{self.why()}")
+        mismatches = self.image.verify(self.mount.path)
+        assert not mismatches, "\n".join(map(str, mismatches[:20])) + "\n" + self.why()
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -291,13 +324,9 @@ def test_link_down_mid_read_gives_eio_in_bounded_time_then_recovers(tiny_images,
     with EIO within EIO_BOUND (each fetch gives up after --fetch-timeout; no hang), the
     daemon keeps serving, and once the link is back the same file and everything else read
     correctly."""
-    img = tiny_images.single("lpnet")
-    served = serve_over_http(daemon, registry, img)
-    m = mounts.mount_erofs(img.fsid, devices=img.devices)
-    big = largest_file(img)
-    path = m.path / big.lstrip("/")
-    why = functools.partial(explain, registry, daemon, net, [served])
-    assert img.manifest[big].size > 4 * GRANULE, f"{big} is too small to be cut mid-read"
+    t = LargestOverHttp.serve_and_mount("lpnet", tiny_images, daemon, mounts, registry, net)
+    path, why = t.path, t.why
+    assert t.image.manifest[t.big].size > 4 * GRANULE, f"{t.big} is too small to be cut mid-read"
 
     with open(path, "rb", buffering=0) as f:
         head = f.read(GRANULE)
@@ -315,11 +344,7 @@ def test_link_down_mid_read_gives_eio_in_bounded_time_then_recovers(tiny_images,
     finally:
         net.link_up()
 
-    data = path.read_bytes()
-    assert sha256(data) == img.manifest[big].sha256, f"{big}: wrong content after the link came back\n{why()}"
-    assert data[:GRANULE + len(out.data)] == head + out.data, f"{big}: wrong bytes before the error\n{why()}"
-    mismatches = img.verify(m.path)
-    assert not mismatches, "\n".join(map(str, mismatches[:20])) + "\n" + why()
+    t.assert_reads_back(head + out.data, "after the link came back")
 
 
 @pytest.mark.parametrize("how", ["503 to HEAD", "link down"])
@@ -372,14 +397,10 @@ def test_a_bad_server_gives_eio_never_wrong_data(answer, tiny_images, daemon, mo
     wrong, the daemon logs the error and keeps serving; once the server behaves, every file
     reads back right, so nothing wrong reached the cache file either."""
     mode, params = BAD_ANSWERS[answer]
-    img = tiny_images.single("lpbad")
-    served = serve_over_http(daemon, registry, img)
-    m = mounts.mount_erofs(img.fsid, devices=img.devices)
-    big = largest_file(img)
-    path = m.path / big.lstrip("/")
-    why = functools.partial(explain, registry, daemon, net, [served])
+    t = LargestOverHttp.serve_and_mount("lpbad", tiny_images, daemon, mounts, registry, net)
+    path, why = t.path, t.why
 
-    registry.client.fault(mode, digest=served.primary, **params)
+    registry.client.fault(mode, digest=t.served.primary, **params)
     out = read_with_deadline(path, 0, EIO_BOUND)
     assert out.finished, f"reader still blocked after {EIO_BOUND:.0f} s ({answer})\n{why()}"
     assert out.error is not None and out.error.errno == errno.EIO, (
@@ -390,8 +411,4 @@ def test_a_bad_server_gives_eio_never_wrong_data(answer, tiny_images, daemon, mo
         f"{answer}: the failed fetches must be logged and write nothing\n{why()}")
 
     registry.client.clear_faults()
-    data = path.read_bytes()
-    assert sha256(data) == img.manifest[big].sha256, f"{big}: wrong content after {answer}\n{why()}"
-    assert data[:len(out.data)] == out.data, f"{big}: wrong bytes were returned before the error\n{why()}"
-    mismatches = img.verify(m.path)
-    assert not mismatches, "\n".join(map(str, mismatches[:20])) + "\n" + why()
+    t.assert_reads_back(out.data, f"after {answer}")

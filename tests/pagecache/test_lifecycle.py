@@ -38,8 +38,7 @@ def test_shared_pages_die_with_the_last_member(sharing, pc_images, domain):
     """LIFETIME: the pages stay while one member is mounted and go with the last one: a new
     member of the domain starts with nothing resident."""
     d = domain()
-    m1 = sharing.mount(pc_images["base"], domain_id=d)
-    m2 = sharing.mount(pc_images["twin"], domain_id=d)
+    m1, m2 = sharing.members(d, pc_images["base"], pc_images["twin"])
     sharing.read_all(m1)
     sharing.umount(m1)
     sharing.check(f"unmounting the reader {m1.name}")
@@ -85,8 +84,7 @@ def test_a_verdict_is_kept_while_the_inode_is_cached(sharing, pc_images, domain)
 def test_remount_with_the_same_options_keeps_sharing(sharing, pc_images, domain, kmsg):
     d = domain()
     kmsg.expect(r"ignoring reconfiguration for domain_id")
-    m1 = sharing.mount(pc_images["base"], domain_id=d)
-    m2 = sharing.mount(pc_images["twin"], domain_id=d)
+    m1, m2 = sharing.members(d, pc_images["base"], pc_images["twin"])
     sharing.read(m1, "a")
     sharing.remount(m1, f"inode_share,domain_id={d}")
     sharing.check(f"remounting {m1.name}")

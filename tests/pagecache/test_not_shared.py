@@ -44,8 +44,7 @@ def test_same_digest_with_another_size_is_not_shared(sharing, pc_images, domain,
     """A crafted file whose digest equals `a`'s but whose size differs: not shared, logged."""
     d = domain()
     kmsg.expect(r"i_size mismatch")
-    m1 = sharing.mount(pc_images["base"], domain_id=d)
-    m2 = sharing.mount(pc_images["sizeclash"], domain_id=d)
+    m1, m2 = sharing.members(d, pc_images["base"], pc_images["sizeclash"])
     sharing.read(m1, "a")
     sharing.read(m2, "a-size")
     sharing.check("reading a, then a-size (same digest value, other size)")

@@ -1,4 +1,4 @@
-"""fixtures/blobserver.py on loopback, no namespace: the registry paths, single ranges and
+"""fixtures/blobserver/ on loopback, no namespace: the registry paths, single ranges and
 416, keep-alive, the counters, the admin API (HTTP and Unix socket) and every fault mode."""
 
 from __future__ import annotations
@@ -16,19 +16,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fixtures.blobserver import (
-    FAULT_MODES,
-    BlobServer,
-    BlobServerClient,
-    BlobServerError,
-    BlobServerProcess,
-    ByteRange,
-    Unsatisfiable,
-    blob_path,
-    blob_url,
-    parse_range,
-    publish,
-)
+from fixtures.blobserver.blobs import blob_path, blob_url, publish
+from fixtures.blobserver.client import BlobServerClient, BlobServerError
+from fixtures.blobserver.faults import FAULT_MODES
+from fixtures.blobserver.process import BlobServerProcess
+from fixtures.blobserver.ranges import ByteRange, Unsatisfiable, parse_range
+from fixtures.blobserver.server import BlobServer
 from fixtures.process_utils import cmd
 
 REPO = Path(__file__).resolve().parents[2]

@@ -167,6 +167,89 @@ def test_failure_rule_first_line():
     assert record.failure_rule(SimpleNamespace(longrepr=None)) is None
 
 
+def test_failure_detail_keeps_an_xfails_console_lines():
+    xfail = SimpleNamespace(longrepr=SimpleNamespace(reprcrash=SimpleNamespace(
+        message="_pytest.outcomes.XFailed: known kernel bug (rule bug_x): y\nRESULT both members mounted\n"
+                "VFS: Busy inodes after unmount of erofs")))
+    assert record.failure_rule(xfail) == "known kernel bug (rule bug_x): y"
+    assert record.failure_detail(xfail) == ["RESULT both members mounted", "VFS: Busy inodes after unmount of erofs"]
+
+
+def test_declared_skips_are_read_from_the_rule_tables_own_messages():
+    from fixtures.kernel import KernelFeatures, Requirements
+
+    config = {"CONFIG_EROFS_FS_ONDEMAND": "y", "CONFIG_CACHEFILES_ONDEMAND": "y"}
+    reasons = []
+    for release, call in (("6.1.192", lambda r: r.rule("file_backed_mount")), ("6.0.5", lambda r: r.rule("restore")),
+                          ("6.1.192", lambda r: r.not_bug("bug_shared_primary_inode"))):
+        with pytest.raises(pytest.skip.Exception) as e:
+            call(Requirements(KernelFeatures(release, config, True), strict=True))
+        reasons.append(str(e.value))
+    skip = compare.declared_skip(compare.Run("skipped", reasons[0]))
+    assert (skip.kind, skip.rule, skip.kernels, skip.release) == ("version rule skip", "file_backed_mount",
+                                                                   ">= 6.12", "6.1.192")
+    skip = compare.declared_skip(compare.Run("skipped", reasons[1]))  # a range with parentheses in it
+    assert (skip.rule, skip.kernels, skip.release) == ("restore", "6.1.95+ (6.1.y), 6.6.35+ (6.6.y), >= 6.8", "6.0.5")
+    bug = compare.declared_skip(compare.Run("skipped", reasons[2]))
+    assert (bug.kind, bug.rule, bug.release) == ("known kernel bug", "bug_shared_primary_inode", "6.1.192")
+    assert bug.doc == "docs/known-bugs/erofs-6.1-shared-primary-cookie.md" and bug.doc in reasons[2]
+    assert compare.declared_skip(compare.Run("skipped", "kernel 6.1.192 lacks CONFIG_FS_DAX")) is None
+
+
+def test_log_lines_are_explained_by_the_rule_that_words_them():
+    rules = compare.rules_between("6.1.192", "6.12.117")
+    assert {"ondemand_deprecated", "fscache_core_log", "file_backed_mount"} <= set(rules)
+    assert "bug_shared_primary_inode" in rules and "restore" not in rules
+    old, new = 'kmsg [log] FS-Cache: Cache "t#1" added', 'kmsg [log] netfs: Cache "t#1" added'
+    assert compare._explains(old, "1", "-", rules, "6.1.192") == "fscache_core_log"
+    assert compare._explains(new, "-", "1", rules, "6.1.192") == "fscache_core_log"
+    assert compare._explains(new, "1", "-", rules, "6.1.192") is None  # worded as the other kernel would
+    assert compare._explains("kmsg [log] erofs: mounted", "1", "2", rules, "6.1.192") is None
+    assert compare._explains("rule death_read_enobufs", "does not hold", "holds", rules, "6.1.192") == \
+        "death_read_enobufs"
+    # a test that asked about a differing rule: the rule row is explained, its other moves not
+    c = compare.Comparison.of("6.1", "6.12",
+                              [{"t": compare.Run("passed", observables={"rule death_read_enobufs": "does not hold",
+                                                                        "errno": "EIO"}),
+                                "u": compare.Run("passed", observables={"rule death_read_enobufs": "does not hold",
+                                                                        old: 1})}],
+                              [{"t": compare.Run("passed", observables={"rule death_read_enobufs": "holds",
+                                                                        "errno": "ENOBUFS"}),
+                                "u": compare.Run("passed", observables={"rule death_read_enobufs": "holds",
+                                                                        new: 1})}],
+                              releases=("6.1.192", "6.12.117"))
+    assert [t.group for t in c.tests] == ["changed observables", "changed by rules"]
+    assert c.tests[0].rules == {"rule death_read_enobufs": "death_read_enobufs"}
+    # only a rule it asked about differs, nothing it observed: unchanged, and not rerun
+    a = {"v": compare.Run("passed", observables={"rule sysfs_name_truncated": "does not hold", "mount 1": "OK"})}
+    b = {"v": compare.Run("passed", observables={"rule sysfs_name_truncated": "holds", "mount 1": "OK"})}
+    assert compare.Comparison.of("6.1", "6.12", [a], [b], releases=("6.1.192", "6.12.117")).tests[0].group == \
+        "unchanged"
+    assert compare.differing(a, b, ("6.1.192", "6.12.117")) == [] and compare.differing(a, b) == ["v"]
+    assert "errno" in c.render() and "| death_read_enobufs" in c.render("github")
+    # what a rule the test asked about declares it moves (Rule.moves)
+    a = {"w": compare.Run("passed", observables={"rule unaligned_write_refused": "does not hold", "stats IO.wr": 2})}
+    b = {"w": compare.Run("passed", observables={"rule unaligned_write_refused": "holds", "stats IO.wr": 1,
+                                                 "stats IO.mis": 1})}
+    (t,) = compare.Comparison.of("6.1", "6.12", [a], [b], releases=("6.1.192", "6.12.117")).tests
+    assert t.group == "changed by rules" and set(t.rules.values()) == {"unaligned_write_refused"}
+    for side in (a, b):  # not asked about: not explained
+        side["w"].observables.pop("rule unaligned_write_refused")
+    assert compare.Comparison.of("6.1", "6.12", [a], [b], releases=("6.1.192", "6.12.117")).tests[0].group == \
+        "changed observables"
+
+
+def test_normalizer_numbers_encoded_cache_names_and_cookie_debug_ids():
+    n = record.Normalizer()
+    assert n("cache/Ierofs,m3-12x4/@7f/Dm3-12x4") == "cache/Ierofs,m3-#1/@../Dm3-#1"
+    assert n("cache/Ierofs,c-bad-magic-12x5/@0a/E1PpjcU9jdLw70") == "cache/Ierofs,c-bad-magic-#1/@../E#1"
+    assert n("x/@../E#1") == "x/@../E#1"
+    padded = "fsid=k12x3kkkkkkkk,domain_id=d12x4"
+    assert n(padded) == "fsid=k#1k+,domain_id=d#1" == n(padded)
+    assert record.Normalizer()("fsid=k1x3kkkkkkkkkk") == "fsid=k#1k+"  # one pid digit less, more filler
+    assert record.Normalizer().kmsg("netfs: O-cookie c=00000023 [fl=6134]") == "netfs: O-cookie c=<hex> [fl=6134]"
+
+
 def test_observables_file_next_to_junit():
     cfg = SimpleNamespace(getoption=lambda name, default=None: None,
                           option=SimpleNamespace(xmlpath="results/junit-host.xml"))
@@ -268,6 +351,15 @@ def test_farm_applies_a_series_without_touching_the_tree(farm_env):
     # untouched files are the tree's own (hard links), touched ones private copies
     assert (got / "fs/erofs/super.c").stat().st_ino == (tree / "fs/erofs/super.c").stat().st_ino
     assert (got / "fs/erofs/fscache.c").stat().st_ino != (tree / "fs/erofs/fscache.c").stat().st_ino
+    farm.built([series])
+    # built, but its build directory is gone (removed to rebuild from cold): applied again
+    messages = []
+    farm.prepare([series], {}, log=messages.append)
+    assert "already holds" not in messages[0] and "1 series applied" in messages[0]
+    assert (got / "fs/erofs/fscache.c").read_text() == "static int x = 3;\nstatic int y = 2;\n"
+    build = variants.builddir_for(got, {})
+    build.mkdir(parents=True)
+    (build / "vmlinux").write_bytes(b"")
     farm.built([series])
     # the same series again: nothing is rewritten (nothing to rebuild)
     mtime = (got / "fs/erofs/fscache.c").stat().st_mtime_ns
@@ -393,3 +485,96 @@ def test_recorded_identical_kernels_report_no_change():
     c = compare.Comparison.of("default", "default", compare.load_runs(DATA / "same-a.jsonl"),
                               compare.load_runs(DATA / "same-b.jsonl"))
     assert len(c.unchanged) == len(c.tests) == 12 and c.exit_status == 0
+
+
+# ----------------------------------------------------------------- the tool's runs, with a fake runner
+def _compare_kernels_module():
+    import importlib.machinery
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "tools" / "compare-kernels"
+    loader = importlib.machinery.SourceFileLoader("compare_kernels", str(path))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader("compare_kernels", loader))
+    loader.exec_module(module)
+    return module
+
+
+BUG_TEST = "tests/fscache/test_domain_conflicts.py::test_device_naming_a_member_fsid_shares_its_primary_cookie"
+FILE_TEST = "tests/fscache/test_bad_input.py::test_mount_options[domain-no-fsid-file]"
+BANNER = "kmsg [log] erofs: (device erofs): {} fscache-based on-demand read feature in use. Use at your own risk!"
+
+
+def _fake_outcomes(side: str, tag: str) -> dict:
+    """A 6.1-like A against a 6.12-like B: T1 breaks on B, T5 fails on B's first run only,
+    T3 moves only as rule ondemand_deprecated says, a known-bug skip and a version-rule skip."""
+    first = tag == "run"
+    banner = {"A": ("does not hold", "EXPERIMENTAL"), "B": ("holds", "[deprecated]")}[side]
+    out = {
+        T1: ("failed", "RULE BROKEN: shared domain: one OPEN") if side == "B" else ("passed", None),
+        T5: ("failed", "RULE BROKEN: no ENOBUFS") if side == "B" and first else ("passed", None),
+        T3: ("passed", None, {"rule ondemand_deprecated": banner[0], BANNER.format(banner[1]): 1}),
+    }
+    if first:
+        out[BUG_TEST] = ("skipped", "known kernel bug on 6.1.192 (rule bug_shared_primary_inode, 6.1 - 6.2): "
+                         "probed in a VM of its own by tests/host") if side == "A" else ("passed", None)
+        out[FILE_TEST] = ("skipped", "rule file_backed_mount (>= 6.12) does not apply to kernel 6.1.192: the "
+                          "source must be a block device (ENOTBLK)") if side == "A" else ("passed", None)
+    return out
+
+
+def test_compare_kernels_reruns_differences_and_probes_known_bugs(tmp_path, monkeypatch):
+    """The tool's sequence with a fake runner: first runs, a rerun per --reruns of only the tests
+    that differ (not what the rule table declares), the known bug's probe on the side that skipped it."""
+    ck = _compare_kernels_module()
+    from vmtest import kernel, suite_run
+
+    images = {"A": tmp_path / "a" / "bzImage", "B": tmp_path / "b" / "bzImage"}
+    monkeypatch.setattr(kernel, "bzimage_release", lambda p: "6.1.192" if p == images["A"] else "6.12.117")
+    started = []
+
+    def fake_run_parallel(runs, env, log=print, lock=None):
+        for r in runs:
+            started.append((r.label, r.outdir.name, [a for a in r.cmd if a.startswith("tests/")]))
+            r.outdir.mkdir(parents=True, exist_ok=True)
+            if r.label.endswith("probe"):
+                recs = [{"nodeid": compare.BUG_PROBES["bug_shared_primary_inode"], "outcome": "xfailed",
+                         "rule": "known kernel bug (rule bug_shared_primary_inode): inode outlives its superblock",
+                         "detail": ["VFS: Busy inodes after unmount of erofs", "general protection fault"]}]
+            else:
+                recs = [{"nodeid": n, "outcome": o[0], "rule": o[1], "observables": o[2] if len(o) > 2 else {}}
+                        for n, o in _fake_outcomes(r.label, r.outdir.name).items()
+                        if r.outdir.name == "run" or n in r.cmd]
+            r.observables.write_text("".join(json.dumps(x) + "\n" for x in recs))
+            r.returncode = 0
+
+    monkeypatch.setattr(suite_run, "run_parallel", fake_run_parallel)
+    out = tmp_path / "out"
+
+    def runs(tag, extra):
+        return [suite_run.SuiteRun(s, images[s], out / s / tag,
+                                   suite_run.pytest_command(images[s], out / s / tag, extra)) for s in ("A", "B")]
+
+    args = SimpleNamespace(reruns=2, pytest_args=["-k", "domains"], seed="1", hypothesis_seed="0")
+    side = SimpleNamespace(describe=lambda: "a side")
+    status = ck.compare_runs(args, side, side, images, {"A": 1.0, "B": 2.0}, 0.0, {}, runs,
+                             ["--hypothesis-seed=0", "-k", "domains"], out, 0.0)
+    assert status == 1
+    assert [(label, tag) for label, tag, _ in started] == [
+        ("A", "run"), ("B", "run"), ("A", "rerun1"), ("B", "rerun1"), ("A", "rerun2"), ("B", "rerun2"),
+        ("A probe", "host")]
+    # the differing tests only, without -k and the default path; not T3, whose every move is a
+    # rule that differs between the kernels (nor the declared skips)
+    assert started[2][2] == [T1, T5]
+    report = json.loads((out / "report.json").read_text())
+    groups = {g: [t["nodeid"] for t in ts] for g, ts in report["groups"].items() if ts}
+    assert groups == {"newly failing": [T1], "flaky": [T5], "changed by rules": [T3],
+                      "known kernel bug": [BUG_TEST], "version rule skip": [FILE_TEST]}
+    bug = report["groups"]["known kernel bug"][0]
+    assert bug["declared"]["doc"] == "docs/known-bugs/erofs-6.1-shared-primary-cookie.md"
+    assert bug["probe"]["console"] == ["VFS: Busy inodes after unmount of erofs", "general protection fault"]
+    assert report["groups"]["version rule skip"][0]["declared"]["rule"] == "file_backed_mount"
+    md = (out / "report.md").read_text()
+    assert ("Reruns: 2 test(s) differed in the first runs and ran 2 more time(s) on each side: "
+            "1 confirmed, 1 flaky") in md
+    assert "| file_backed_mount" in md and "general protection fault" in md
+    assert "| ondemand_deprecated" in md

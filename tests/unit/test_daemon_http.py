@@ -1,5 +1,5 @@
 """The on-demand daemon's HTTP blob backend against a fake /dev/cachefiles (see
-test_daemon_fake.py) and a real blob server on loopback (fixtures/blobserver.py).
+test_daemon_fake.py) and a real blob server on loopback (fixtures/blobserver/).
 
 What it promises: OPEN asks the server for the size (HEAD), a READ fetches the missing
 range rounded up to --fetch-granularity but never past the blob, nothing is cached by the
@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.blobserver import BlobServer, BlobServerClient, publish
+from fixtures.blobserver.blobs import publish
+from fixtures.blobserver.client import BlobServerClient
+from fixtures.blobserver.server import BlobServer
 from fixtures.ondemand.__main__ import build_parser
 from fixtures.ondemand.client import DaemonControlError
 from fixtures.process_utils import cmd
@@ -284,7 +286,7 @@ def test_fetches_across_a_veth_and_a_link_cut_times_out(start, tmp_path):
     network namespace, the daemon fetching over the veth; with the far end down a READ is
     completed without data after --fetch-timeout, and the daemon serves again once it is up."""
     from fixtures import netns
-    from fixtures.blobserver import BlobServerProcess
+    from fixtures.blobserver.process import BlobServerProcess
 
     if os.geteuid() != 0:
         pytest.skip("needs root (network namespaces, veth)")

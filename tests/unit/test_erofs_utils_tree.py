@@ -10,8 +10,6 @@ this repository, else /work/shared/upstream/erofs-utils.bundle; without it these
 first run builds two trees (about a minute each on 2 cores), later runs take seconds.
 """
 
-import contextlib
-import fcntl
 import os
 import shutil
 import subprocess
@@ -25,7 +23,7 @@ from fixtures.images import ImageFactory
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
-from vmtest import erofs_utils  # noqa: E402
+from vmtest import erofs_utils, variants  # noqa: E402
 from vmtest.paths import cache_root  # noqa: E402
 
 PLUG = REPO / "tools" / "plug-into-erofs-utils"
@@ -61,19 +59,11 @@ def run(cmd: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, **kw)
 
 
-@contextlib.contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
-
-
 def built_tree(bundle: Path, branch: str) -> Path:
     """A clone of `branch`, reset to the bundle's commit and unplugged, built in place as
     erofs-utils builds itself.  Kept between runs: make then rebuilds nothing."""
     tree = cache_root() / "erofs-utils-trees" / branch
-    with _locked(tree.with_name(f".{branch}.lock")):
+    with variants.locked(tree.with_name(f".{branch}.lock")):
         if not (tree / ".git").is_dir():
             shutil.rmtree(tree, ignore_errors=True)
             subprocess.run(["git", "clone", "-q", "--branch", branch, str(bundle), str(tree)], check=True)

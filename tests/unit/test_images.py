@@ -1,5 +1,6 @@
-"""fixtures/images.py on the host: seeded trees, manifests, and images checked with
-fsck.erofs / dump.erofs (no mounts, no special kernel).
+"""fixtures/images.py (with content_tree.py, manifest.py, dump_erofs.py) on the host: seeded
+trees, manifests, and images checked with fsck.erofs / dump.erofs (no mounts, no special
+kernel).
 
 Tests that need erofs-utils use the erofs-utils under test (conftest.py resolve_mkfs: --mkfs
 or $MKFS_EROFS with dump.erofs and fsck.erofs beside it, else --erofs-utils-src, else Debian's
@@ -19,24 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from fixtures import images
+from fixtures import images, manifest
+from fixtures.content_tree import BLOCK_SIZE, FIXED_MTIME, PROFILES, ContentTree
+from fixtures.dump_erofs import parse_dump_inode, parse_dump_ls, parse_dump_superblock
 from fixtures.erofs_format import EROFS_MAGIC, EROFS_SUPER_OFFSET, parse_superblock, read_superblock
 from fixtures.erofs_tools import Tools
-from fixtures.images import (
-    BLOCK_SIZE,
-    FIXED_MTIME,
-    REBUILD_ROOT_MODE,
-    ContentTree,
-    Entry,
-    ErofsImage,
-    ImageFactory,
-    Manifest,
-    Mismatch,
-    parse_dump_inode,
-    parse_dump_ls,
-    parse_dump_superblock,
-    run_fsck,
-)
+from fixtures.images import ErofsImage, ImageFactory, run_fsck
+from fixtures.manifest import REBUILD_ROOT_MODE, Entry, Manifest, Mismatch
 from fixtures.process_utils import cmd
 
 REPO = Path(__file__).resolve().parents[2]
@@ -110,7 +100,7 @@ def test_tree_has_every_kind_of_entry(tmp_path):
     assert max(sizes) > 256 * 1024, "a large file"
     assert 0 in sizes, "empty files"
     assert {4095, 4096, 4097} <= set(sizes), "block-boundary sizes"
-    assert len([p for p in m if p.startswith("/many/")]) == images.PROFILES[PROFILE].many_files
+    assert len([p for p in m if p.startswith("/many/")]) == PROFILES[PROFILE].many_files
     sparse = root / "sparse" / "sparse-0.img"
     assert sparse.stat().st_blocks * 512 < sparse.stat().st_size, "sparse file has holes"
     assert m["/links/hard-a"].link == m["/links/hard-b"].link == m["/small/hard-c"].link == "/links/hard-a"
@@ -175,14 +165,14 @@ def test_verify_returns_each_mismatch(tmp_path):
 
 def test_verify_reports_read_errors(tmp_path, monkeypatch):
     tree = ContentTree.generate(tmp_path / "t", SEED, PROFILE)
-    real = images._sha256_file
+    real = manifest.sha256_file
 
     def failing(path):
         if str(path).endswith("large-0.bin"):
             raise OSError(errno.EIO, "Input/output error", str(path))
         return real(path)
 
-    monkeypatch.setattr(images, "_sha256_file", failing)
+    monkeypatch.setattr(manifest, "sha256_file", failing)
     got = tree.manifest.verify(tree.root)
     assert [(m.path, m.field) for m in got] == [("/large/large-0.bin", "error")]
     assert "errno 5" in got[0].actual

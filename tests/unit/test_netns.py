@@ -19,7 +19,8 @@ import time
 import pytest
 
 from fixtures import netns
-from fixtures.blobserver import BlobServerProcess, publish
+from fixtures.blobserver.blobs import publish
+from fixtures.blobserver.process import BlobServerProcess
 from fixtures.netns import NETEM_PROFILES, Netem, NetemUnsupported, VethNamespace, parse_rate, parse_time_us
 from fixtures.process_utils import cmd
 

@@ -15,20 +15,21 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from fixtures.process_utils import CmdError, cmd  # sys.path: tools/vmtest/__init__.py
 
 from . import compare, deps, kernel, variants
 from .paths import cache_root
 
 
 def git(repo: Path, *args: str) -> str:
-    r = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True)
-    if r.returncode:
-        raise deps.ToolError(f"git {' '.join(args)} in {repo} failed: {r.stderr.strip()[-1000:]}")
-    return r.stdout.strip()
+    try:
+        return cmd(["git", "-C", repo, *args]).stdout.strip()
+    except CmdError as e:
+        raise deps.ToolError(str(e)) from e
 
 
 def commits_between(repo: Path, good: str, bad: str) -> list[str]:
@@ -91,7 +92,7 @@ def checkout(wt: Path, rev: str) -> None:
     """Check `rev` out in our worktree, rewriting only the files that differ: the index is
     refreshed first (a file whose mtime changed is stat-dirty, and a forced checkout would
     write it again with a new mtime, so make would rebuild what depends on it)."""
-    subprocess.run(["git", "-C", str(wt), "update-index", "-q", "--refresh"], capture_output=True)
+    cmd(["git", "-C", wt, "update-index", "-q", "--refresh"], check=False)  # exit 1: files were stat-dirty
     git(wt, "checkout", "-q", "--detach", rev)
 
 
@@ -122,7 +123,7 @@ def seed_from_tree(repo: Path, wt: Path, build, log, seed: Path | None = None) -
                 os.utime(p, (old, old), follow_symlinks=False)
             else:
                 n += 1
-    subprocess.run(["git", "-C", str(wt), "update-index", "-q", "--refresh"], capture_output=True)
+    cmd(["git", "-C", wt, "update-index", "-q", "--refresh"], check=False)  # exit 1: files were stat-dirty
     variants.seed_builddir(src_build, dst_build, seed, wt)
     variants.settle_tools(build, src_build, [], log)
     log(f"build directory seeded from {src_build} in {time.monotonic() - start:.0f} s "

@@ -9,8 +9,15 @@ Groups, in report order:
   newly failing         B fails (or errors) where A does not; the exit status gates on
                         those A passed
   newly passing         A fails where B does not
+  known kernel bug      skipped on one side as a known bug (rule bug_*), which tests/host
+                        probes in a VM of its own: the probe's verdict and console lines
+  version rule skip     skipped on one side because a version rule (fixtures/kernel.py)
+                        does not hold there: the rule and its range
   outcome changed       any other outcome change (skipped <-> passed, xfailed ...)
-  changed observables   same outcome, an observable (or the failure's first line) moved
+  changed observables   same outcome, an observable (or the failure's first line) moved that
+                        no differing version rule explains
+  changed by rules      same outcome; every moved observable is a rule the test asked about
+                        that differs between the two kernels, or a log line such a rule words
   flaky                 differed in the first runs, not consistently on rerun
   only in A / only in B collected on one side only
   unchanged             counted
@@ -19,6 +26,7 @@ Groups, in report order:
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,18 +36,30 @@ from tabulate import tabulate
 from fixtures.record import Normalizer
 
 FAILING = frozenset({"failed", "error"})
-GROUPS = ("newly failing", "newly passing", "outcome changed", "changed observables", "flaky",
-          "only in A", "only in B")
+GROUPS = ("newly failing", "newly passing", "known kernel bug", "version rule skip", "outcome changed",
+          "changed observables", "changed by rules", "flaky", "only in A", "only in B")
 TITLES = {
     "newly failing": "Newly failing (B fails what A does not)",
     "newly passing": "Newly passing",
+    "known kernel bug": "Known kernel bug (skipped on one side; tests/host probes it in a VM of its own)",
+    "version rule skip": "Skipped on one side by a version rule (fixtures/kernel.py)",
     "outcome changed": "Outcome changed",
     "changed observables": "Same outcome, changed observables",
+    "changed by rules": "Same outcome, observables moved as version rules say",
     "flaky": "Flaky (a first-run difference that reruns did not confirm)",
     "only in A": "Only in A",
     "only in B": "Only in B",
 }
 ABSENT = "-"
+# Skip reasons of fixtures/kernel.py: KernelFeatures.why_not() and Requirements.not_bug()
+RULE_SKIP = re.compile(r"\brule (\w+) \((.*?)\) does not apply to kernel (\S+?)(?::|$)")
+BUG_SKIP = re.compile(r"^known kernel bug on (\S+) \(rule (\w+), (.*?)\): ")
+# The probe of each known bug (tests/host, a VM of its own)
+BUG_PROBES = {
+    "bug_shared_primary_inode":
+        "tests/host/test_kernel_bug.py::test_device_naming_a_member_fsid_frees_inode_of_live_cookie",
+    "bug_cachefiles_key47": "tests/host/test_kernel_bug.py::test_domain_fsid_253_bytes_hits_cachefiles_bug[253]",
+}
 
 
 @dataclass(frozen=True)
@@ -48,6 +68,7 @@ class Run:
     rule: str | None = None
     observables: dict = field(default_factory=dict)
     duration: float = 0.0
+    detail: tuple[str, ...] = ()  # the message's further lines (a probe's console lines)
 
     def facts(self) -> dict:
         """Everything compared: the observables, plus the failure's first line when failing."""
@@ -70,7 +91,7 @@ def parse_runs(lines) -> list[dict[str, Run]]:
         # here catches what an older recorder left (idempotent on "d#1").
         norm = Normalizer()
         run = Run(d["outcome"], d.get("rule") and norm(d["rule"]), norm.observables(d.get("observables") or {}),
-                  d.get("duration", 0.0))
+                  d.get("duration", 0.0), tuple(d.get("detail") or ()))
         for r in runs:
             if d["nodeid"] not in r:
                 r[d["nodeid"]] = run
@@ -89,9 +110,97 @@ def first_run_differs(a: Run, b: Run) -> bool:
     return a.outcome != b.outcome or a.facts() != b.facts()
 
 
-def differing(a: dict[str, Run], b: dict[str, Run]) -> list[str]:
-    """Tests to rerun: present on both sides, and their outcome or a fact differs."""
-    return [n for n in a if n in b and first_run_differs(a[n], b[n])]
+@dataclass(frozen=True)
+class Declared:
+    """A skip fixtures/kernel.py declares: a version rule that does not hold, or a known bug."""
+    kind: str  # "version rule skip" | "known kernel bug"
+    rule: str
+    kernels: str
+    release: str
+
+    @property
+    def doc(self) -> str | None:
+        rule = _rules().get(self.rule)
+        return rule.doc if rule is not None else None
+
+
+def declared_skip(run: Run) -> Declared | None:
+    if run.outcome != "skipped" or not run.rule:
+        return None
+    if m := BUG_SKIP.search(run.rule):
+        return Declared("known kernel bug", m.group(2), m.group(3), m.group(1))
+    if m := RULE_SKIP.search(run.rule):
+        return Declared("version rule skip", m.group(1), m.group(2), m.group(3))
+    return None
+
+
+def _declared_difference(a: Run, b: Run) -> bool:
+    """One side skipped as the rule table declares and the other did not fail: nothing a rerun
+    can change (the skip is decided by the kernel's version before the test runs)."""
+    return any(declared_skip(x) and declared_skip(y) is None and y.outcome not in FAILING
+               for x, y in ((a, b), (b, a)))
+
+
+def differing(a: dict[str, Run], b: dict[str, Run],
+              releases: tuple[str | None, str | None] = (None, None)) -> list[str]:
+    """Tests to rerun: present on both sides, and their outcome or a fact differs; not the
+    declared skips, nor a test whose every moved observable is a differing version rule or a log
+    line such a rule words (the rule table says so; a rerun cannot tell more)."""
+    rules = rules_between(*releases)
+
+    def declared(n: str) -> bool:
+        if _declared_difference(a[n], b[n]):
+            return True
+        d = classify(n, [a[n]], [b[n]], rules, releases[0])
+        asked = _asked(d.moved, rules)
+        return d.group in ("changed by rules", "unchanged") and \
+            all(_explains(k, va, vb, rules, releases[0], asked) for k, va, vb in d.moved)
+
+    return [n for n in a if n in b and first_run_differs(a[n], b[n]) and not declared(n)]
+
+
+def _rules() -> dict:
+    from fixtures.kernel import RULES
+
+    return RULES
+
+
+def rules_between(release_a: str | None, release_b: str | None) -> dict:
+    """name -> Rule for the version rules that hold on one release and not the other."""
+    if not release_a or not release_b:
+        return {}
+    from fixtures.kernel import differing_rules, parse_release
+
+    return {r.name: r for r in differing_rules(parse_release(release_a), parse_release(release_b))}
+
+
+def _asked(moved: list[tuple[str, str, str]], rules: dict) -> list[str]:
+    """The differing rules a test asked about (its moved `rule X` rows)."""
+    return [k[5:] for k, *_ in moved if k.startswith("rule ") and k[5:] in rules]
+
+
+def _explains(key: str, va: str, vb: str, rules: dict, release_a: str, asked=()) -> str | None:
+    """The differing rule that explains one moved observable, if any: the rule itself, a log
+    line present on one side only and worded as the rule says for that side, or an observable
+    a rule the test asked about declares it moves (Rule.moves)."""
+    from fixtures.kernel import parse_release
+
+    if key.startswith("rule ") and key[5:] in rules:
+        return key[5:]
+    for name in asked:
+        if any(re.search(p, key) for p in rules[name].moves):
+            return name
+    m = re.match(r"kmsg \[log\] (.*)", key)
+    if not m or (va == ABSENT) == (vb == ABSENT):
+        return None
+    for name, rule in rules.items():
+        if not rule.log:
+            continue
+        holds_a = rule.in_range(parse_release(release_a))
+        holds_here = holds_a if vb == ABSENT else not holds_a
+        if re.search(rule.log[0 if holds_here else 1], m.group(1)):
+            return name
+    return None
 
 
 def _stable(values: list) -> bool:
@@ -119,6 +228,10 @@ class TestDiff:
     group: str = "unchanged"
     moved: list[tuple[str, str, str]] = field(default_factory=list)   # confirmed: (key, A, B)
     unsteady: list[tuple[str, str, str]] = field(default_factory=list)  # varied between runs of a side
+    declared: Declared | None = None  # the declared skip of a "known kernel bug"/"version rule skip"
+    declared_on: str = ""  # the side that skipped
+    rules: dict[str, str] = field(default_factory=dict)  # moved observable -> the rule explaining it
+    probe: Run | None = None  # a known bug's tests/host probe on the skipping side
 
     @property
     def outcome_a(self) -> str:
@@ -130,11 +243,15 @@ class TestDiff:
 
     @property
     def rule(self) -> str:
-        """The failure's first line: B's when B fails, else A's."""
+        """The failure's first line: B's when B fails, else A's; else a side's skip reason
+        when only one side skipped."""
         for runs in (self.b, self.a):
             for r in runs:
                 if r.outcome in FAILING and r.rule:
                     return r.rule
+        skipped = [runs for runs in (self.b, self.a) if runs and runs[0].outcome == "skipped"]
+        if len(skipped) == 1 and skipped[0][0].rule:
+            return skipped[0][0].rule
         return ""
 
     @property
@@ -149,11 +266,18 @@ class TestDiff:
     def to_json(self) -> dict:
         return {"nodeid": self.nodeid, "group": self.group, "A": self.outcome_a, "B": self.outcome_b,
                 "rule": self.rule or None, "runs": {"A": len(self.a), "B": len(self.b)},
-                "moved": [{"observable": k, "A": va, "B": vb} for k, va, vb in self.moved],
-                "unsteady": [{"observable": k, "A": va, "B": vb} for k, va, vb in self.unsteady]}
+                "moved": [{"observable": k, "A": va, "B": vb, "by rule": self.rules.get(k)}
+                          for k, va, vb in self.moved],
+                "unsteady": [{"observable": k, "A": va, "B": vb} for k, va, vb in self.unsteady],
+                **({"declared": {"side": self.declared_on, "rule": self.declared.rule,
+                                 "kernels": self.declared.kernels, "release": self.declared.release,
+                                 "doc": self.declared.doc}} if self.declared else {}),
+                **({"probe": {"outcome": self.probe.outcome, "message": self.probe.rule,
+                              "console": list(self.probe.detail)}} if self.probe else {})}
 
 
-def classify(nodeid: str, a: list[Run], b: list[Run]) -> TestDiff:
+def classify(nodeid: str, a: list[Run], b: list[Run], rules: dict | None = None,
+             release_a: str | None = None) -> TestDiff:
     d = TestDiff(nodeid, a, b)
     if not a or not b:
         d.group = "only in B" if not a else "only in A"
@@ -172,17 +296,39 @@ def classify(nodeid: str, a: list[Run], b: list[Run]) -> TestDiff:
         d.group = "flaky"
     elif oa != ob:
         (a1,), (b1,) = oa, ob
+        skip_a, skip_b = declared_skip(a[0]), declared_skip(b[0])
         if b1 in FAILING and a1 not in FAILING:
             d.group = "newly failing"
         elif a1 in FAILING and b1 not in FAILING:
             d.group = "newly passing"
+        elif (skip_a is None) != (skip_b is None):
+            d.declared, d.declared_on = (skip_a, "A") if skip_a else (skip_b, "B")
+            d.group = d.declared.kind
         else:
             d.group = "outcome changed"
     elif d.moved:
-        d.group = "changed observables"
+        d.rules = _attribute(d, rules or {}, release_a)
+        unexplained = [k for k, *_ in d.moved if k not in d.rules]
+        if unexplained:
+            d.group = "changed observables"
+        elif any(not k.startswith("rule ") for k, *_ in d.moved):
+            d.group = "changed by rules"
+        # else only the rules it asked about differ, nothing it observed: unchanged
     elif d.unsteady and first_run_differs(a[0], b[0]):
         d.group = "flaky"
     return d
+
+
+def _attribute(d: TestDiff, rules: dict, release_a: str | None) -> dict[str, str]:
+    """Moved observable -> the differing rule that explains it: the rule rows a test recorded
+    (the rules it asked about), log lines worded as a differing rule says, and what a rule the
+    test asked about declares it moves.  Nothing else is attributed, even in a test that asked
+    about a differing rule: fixtures ask about rules for every mount, so asking alone says
+    little about what moved."""
+    if not rules or not release_a:
+        return {}
+    asked = _asked(d.moved, rules)
+    return {k: r for k, va, vb in d.moved if (r := _explains(k, va, vb, rules, release_a, asked))}
 
 
 @dataclass
@@ -191,18 +337,27 @@ class Comparison:
     label_b: str
     tests: list[TestDiff]
     meta: dict = field(default_factory=dict)  # selection, seed, reruns, times
+    releases: tuple[str | None, str | None] = (None, None)
+    rules: dict = field(default_factory=dict)  # the version rules that differ between the releases
 
     @classmethod
     def of(cls, label_a: str, label_b: str, runs_a: list[dict[str, Run]], runs_b: list[dict[str, Run]],
-           meta: dict | None = None) -> Comparison:
-        """runs_x[0] is the first run of side x, later items its reruns (of some tests)."""
+           meta: dict | None = None, releases: tuple[str | None, str | None] = (None, None),
+           probes: dict[str, dict[str, Run]] | None = None) -> Comparison:
+        """runs_x[0] is the first run of side x, later items its reruns (of some tests);
+        `releases` the kernels' releases (for the version rules); `probes` each side's
+        tests/host runs (the known bugs' probes)."""
+        rules = rules_between(*releases)
         order = list(dict.fromkeys(list(runs_a[0]) + list(runs_b[0]) if runs_a and runs_b else []))
         tests = []
         for n in order:
             a = [r[n] for r in runs_a if n in r]
             b = [r[n] for r in runs_b if n in r]
-            tests.append(classify(n, a, b))
-        return cls(label_a, label_b, tests, dict(meta or {}))
+            t = classify(n, a, b, rules, releases[0])
+            if t.group == "known kernel bug":
+                t.probe = (probes or {}).get(t.declared_on, {}).get(BUG_PROBES.get(t.declared.rule, ""))
+            tests.append(t)
+        return cls(label_a, label_b, tests, dict(meta or {}), tuple(releases), rules)
 
     def group(self, name: str) -> list[TestDiff]:
         return [t for t in self.tests if t.group == name]
@@ -219,8 +374,27 @@ class Comparison:
     def exit_status(self) -> int:
         return 1 if self.regressions else 0
 
+    @property
+    def rerun(self) -> list[TestDiff]:
+        return [t for t in self.tests if t.reruns > 0]
+
+    def summary(self) -> list[tuple[str, int]]:
+        return [(TITLES[g], len(self.group(g))) for g in GROUPS if self.group(g)] + \
+            [("Unchanged", len(self.unchanged))]
+
+    def rerun_line(self) -> str:
+        rerun = self.rerun
+        if not rerun:
+            return "Reruns: none (no difference to confirm)" if self.meta.get("reruns") else ""
+        flaky = [t for t in rerun if t.group == "flaky"]
+        n = max(t.reruns for t in rerun)
+        return (f"Reruns: {len(rerun)} test(s) differed in the first runs and ran {n} more time(s) on each side: "
+                f"{len(rerun) - len(flaky)} confirmed, {len(flaky)} flaky")
+
     def to_json(self) -> dict:
         return {"A": self.label_a, "B": self.label_b, "meta": self.meta,
+                "releases": {"A": self.releases[0], "B": self.releases[1]},
+                "rules between": {n: {"kernels": r.kernels(), "holds": r.holds} for n, r in self.rules.items()},
                 "exit_status": self.exit_status,
                 "groups": {g: [t.to_json() for t in self.group(g)] for g in GROUPS},
                 "unchanged": {"count": len(self.unchanged),
@@ -232,21 +406,23 @@ class Comparison:
         md = fmt == "github"
         out = []
         head = f"A: {self.label_a}\nB: {self.label_b}"
+        if any(self.releases):
+            head += f"\nreleases: A {self.releases[0] or '?'}, B {self.releases[1] or '?'}"
         if self.meta:
-            head += "\n" + "\n".join(f"{k}: {v}" for k, v in self.meta.items())
+            head += "\n" + "\n".join(f"{k}: {v}" for k, v in self.meta.items() if k != "reruns")
         out.append(_block(head, md))
+        out.append(_title("Summary", md))
+        summary = tabulate(self.summary(), headers=("group", "tests"), tablefmt=fmt, disable_numparse=True)
+        out.append(summary + (f"\n\n{self.rerun_line()}" if self.rerun_line() else ""))
+        if self.rules:
+            rows = [(n, r.kernels(), "holds" if r.in_range(_release(self.releases[0])) else "-",
+                     "holds" if r.in_range(_release(self.releases[1])) else "-") for n, r in self.rules.items()]
+            out.append(_title(f"Version rules that differ between {self.releases[0]} and {self.releases[1]}", md))
+            out.append(tabulate(rows, headers=("rule", "holds on", "A", "B"), tablefmt=fmt, disable_numparse=True))
         for g in GROUPS:
             tests = self.group(g)
-            if not tests:
-                continue
-            title = f"{TITLES[g]}: {len(tests)}"
-            out.append(f"### {title}" if md else f"{title}\n{'=' * len(title)}")
-            rows = [(t.nodeid, t.outcome_a, t.outcome_b, t.rule) for t in tests]
-            out.append(tabulate(rows, headers=("test", "A", "B", "rule (first line of the failure)"),
-                                tablefmt=fmt, disable_numparse=True))
-            for t in tests:
-                if t.moved or t.unsteady:
-                    out.append(_moved_table(t, fmt, max_rows))
+            if tests:
+                out += _group(g, tests, fmt, max_rows)
         summary = ", ".join(f"{o} {n}" for o, n in Counter(t.outcome_a for t in self.unchanged).most_common())
         line = f"Unchanged: {len(self.unchanged)} tests" + (f" ({summary})" if summary else "")
         out.append(f"### {line}" if md else line)
@@ -255,13 +431,71 @@ class Comparison:
         return "\n\n".join(out) + "\n"
 
 
+def _release(text):
+    from fixtures.kernel import parse_release
+
+    return parse_release(text or "")
+
+
+def _title(title: str, md: bool) -> str:
+    return f"### {title}" if md else f"{title}\n{'=' * len(title)}"
+
+
+def _group(g: str, tests: list[TestDiff], fmt: str, max_rows: int) -> list[str]:
+    md = fmt == "github"
+    out = [_title(f"{TITLES[g]}: {len(tests)}", md)]
+    if g in ("known kernel bug", "version rule skip"):
+        rows = [(t.nodeid, t.outcome_a, t.outcome_b, t.declared.rule, t.declared.kernels,
+                 f"{t.declared_on} ({t.declared.release})") for t in tests]
+        heads = ["test", "A", "B", "known bug" if g == "known kernel bug" else "rule", "holds on", "skipped on"]
+        if g == "known kernel bug":
+            rows = [r + (t.declared.doc or "-",) for r, t in zip(rows, tests)]
+            heads.append("write-up")
+        out.append(tabulate(rows, headers=heads, tablefmt=fmt, disable_numparse=True))
+        if g == "known kernel bug":
+            out += [_probe(t, md) for t in tests]
+        return out
+    if g == "changed by rules":
+        rows = [(t.nodeid, t.outcome_a, len(t.moved), ", ".join(dict.fromkeys(
+            r for v in t.rules.values() for r in v.split(", ")))) for t in tests]
+        out.append(tabulate(rows, headers=("test", "A and B", "moved", "version rules"), tablefmt=fmt,
+                            disable_numparse=True) + "\n\n(the moved observables: report.json)")
+        return out
+    rows = [(t.nodeid, t.outcome_a, t.outcome_b, t.rule) for t in tests]
+    heads = ["test", "A", "B", "rule (first line of the failure or skip)"]
+    if g == "changed observables":
+        rows = [(t.nodeid, t.outcome_a, t.outcome_b, ", ".join(sorted(set(t.rules.values()))) or "-")
+                for t in tests]
+        heads[-1] = "differing version rules it asked about or whose log lines it shows"
+    out.append(tabulate(rows, headers=heads, tablefmt=fmt, disable_numparse=True))
+    out += [_moved_table(t, fmt, max_rows) for t in tests if t.moved or t.unsteady]
+    return out
+
+
+def _probe(t: TestDiff, md: bool) -> str:
+    side = t.declared_on
+    probe = BUG_PROBES.get(t.declared.rule, "tests/host")
+    if t.probe is None:
+        return (f"{t.nodeid}: the probe ({probe}) did not run in this comparison: "
+                f"`pytest {probe} --kernel <{side}'s bzImage>`")
+    lines = "\n".join(t.probe.detail) or "(no console lines)"
+    title = f"{side}'s probe {probe}: {t.probe.outcome}: {t.probe.rule}"
+    return f"**{title}**\n\n```\n{lines}\n```" if md else f"{title}\n" + "\n".join(f"    {x}" for x in t.probe.detail)
+
+
+def _cut(text: str, width: int = 140) -> str:
+    """A cell of the text and Markdown tables (the JSON report keeps every value whole)."""
+    text = str(text)
+    return text if len(text) <= width else f"{text[:width - 20]}... ({len(text)} chars)"
+
+
 def _block(text: str, md: bool) -> str:
     return f"```\n{text}\n```" if md else text
 
 
 # What a maintainer reads first: the failure, mount errnos, kernel log, the daemon's requests,
 # then fscache objects, stats and cache files.
-ORDER = ("failure", "mount ", "kmsg ", "daemon ", "volume ", "cookie ", "stats ", "cache file")
+ORDER = ("failure", "rule ", "mount ", "kmsg ", "daemon ", "volume ", "cookie ", "stats ", "cache file")
 
 
 def rank(key: str) -> int:
@@ -269,8 +503,9 @@ def rank(key: str) -> int:
 
 
 def _moved_table(t: TestDiff, fmt: str, max_rows: int) -> str:
-    rows = sorted([(k, va, vb) for k, va, vb in t.moved], key=lambda r: rank(r[0]))
-    rows += [(f"{k} (varies between runs)", va, vb) for k, va, vb in t.unsteady]
+    rows = sorted([(_cut(k) + (f" (rule {t.rules[k]})" if k in t.rules and not k.startswith("rule ") else ""),
+                    _cut(va), _cut(vb)) for k, va, vb in t.moved], key=lambda r: rank(r[0]))
+    rows += [(f"{_cut(k)} (varies between runs)", _cut(va), _cut(vb)) for k, va, vb in t.unsteady]
     more = len(rows) - max_rows
     rows = rows[:max_rows]
     runs = f"{len(t.a)} run(s) of A, {len(t.b)} of B"

@@ -16,16 +16,18 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
-import hashlib
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from fixtures.file_digest import sha256_file  # sys.path: tools/vmtest/__init__.py
 
 from . import deps
 
@@ -292,14 +294,6 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(functools.partial(f.read, 1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class PrivateApt:
     """apt-get/apt-cache on a private sources.list, lists and archive cache under `root`.
 
@@ -395,7 +389,7 @@ class PrivateApt:
                 line(text)
         if proc.returncode:
             tail = "".join(out[-20:])
-            raise DebianError(f"{tool} {' '.join(args)} failed (exit {proc.returncode}):\n{tail}")
+            raise DebianError(f"{shlex.join(cmd)} failed (exit {proc.returncode}):\n{tail}")
         return "".join(out)
 
     def update(self, suites: Iterable[str], *, force: bool = False) -> None:

@@ -27,6 +27,7 @@ import functools
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -35,12 +36,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import debian, deps
-from .paths import REPO, cache_root
+from fixtures import erofs_tools  # the one probe of the tools (sys.path: tools/vmtest/__init__.py)
+from fixtures.process_utils import CmdError, cmd
 
-if str(REPO) not in sys.path:  # fixtures/erofs_tools.py: the one probe of the tools
-    sys.path.insert(0, str(REPO))
-from fixtures import erofs_tools  # noqa: E402
+from . import debian, deps
+from .paths import cache_root
 
 TOOLS = erofs_tools.NAMES
 ENV_NAMES = erofs_tools.ENV
@@ -247,15 +247,18 @@ def _build(
     logfile.write_text("")
     env = {**os.environ, **env, "LC_ALL": "C"}
 
-    def step(title: str, cmd: str, *args: str, cwd: Path) -> None:
+    def step(title: str, prog: str, *args: str, cwd: Path) -> None:
+        """One build step, its output appended to the build log (a file: not cmd(), which keeps
+        output in memory); a failure raises with the command and the log's last lines."""
         log(f"  {title}")
+        line = f"(cd {shlex.quote(str(cwd))} && {shlex.join([prog, *args])})"
         with open(logfile, "a") as f:
-            f.write(f"\n$ (cd {cwd} && {cmd} {' '.join(args)})\n")
+            f.write(f"\n$ {line}\n")
             f.flush()
-            rc = subprocess.run([cmd, *args], cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+            rc = subprocess.run([prog, *args], cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
         if rc:
             tail = "".join(logfile.read_text(errors="replace").splitlines(True)[-30:])
-            raise BuildError(f"{title} failed (exit {rc}); log: {logfile}\n{tail}")
+            raise BuildError(f"{title} failed (exit {rc}): {line}\nlog: {logfile}\n{tail}")
 
     step("./autogen.sh", "sh", "./autogen.sh", cwd=srcdir)
     step(f"./configure {' '.join(flags)}".rstrip(), "./configure", *flags, cwd=srcdir)
@@ -301,8 +304,7 @@ def _source_only(files: list[str], tracked: set[str]) -> list[str]:
 
 
 def _git_files(src: Path, *which: str) -> list[str]:
-    out = subprocess.run(["git", "--no-optional-locks", "-C", str(src), "ls-files", "-z", *which],
-                         capture_output=True, text=True, check=True).stdout
+    out = cmd(["git", "--no-optional-locks", "-C", src, "ls-files", "-z", *which]).stdout
     return [f for f in out.split("\0") if f]
 
 
@@ -315,7 +317,7 @@ def _tree_files(src: Path) -> list[str]:
         files = sorted(tracked | set(_git_files(src, "--others", "--exclude-standard")))
         files = [f for f in files if (src / f).is_file() or (src / f).is_symlink()]  # not deleted ones
         return _source_only(files, tracked)
-    except (subprocess.CalledProcessError, OSError):
+    except (CmdError, OSError):
         pass
     files = []
     for dirpath, dirnames, filenames in os.walk(src):
@@ -329,9 +331,8 @@ def _tree_files(src: Path) -> list[str]:
 def _scm_version(src: Path) -> str:
     script = src / "scripts" / "get-version-number"
     if script.is_file():
-        with contextlib.suppress(subprocess.CalledProcessError, OSError):
-            return subprocess.run(["sh", str(script)], cwd=src, capture_output=True, text=True,
-                                  check=True).stdout.strip()
+        with contextlib.suppress(CmdError, OSError):
+            return cmd(["sh", script], cwd=src).stdout.strip()
     with contextlib.suppress(OSError):
         return (src / "VERSION").read_text().split()[0]
     return "unknown"
@@ -412,12 +413,11 @@ def build_from_debian(
         dest = work / "src"
         # tar(1), not tarfile: extractall(filter=) needs Python 3.11.4+, Debian 12 has 3.11.2.
         (work / "unpack").mkdir()
-        listing = subprocess.run(["tar", "-tf", str(tarball)], check=True, capture_output=True, text=True)
+        listing = cmd(["tar", "-tf", tarball])
         tops = {name.split("/", 1)[0] for name in listing.stdout.splitlines() if name}
         if any(t in ("", "..") for t in tops) or any(".." in n.split("/") for n in listing.stdout.splitlines()):
             raise deps.ToolError(f"{tarball}: refusing a source tarball with absolute or '..' paths")
-        subprocess.run(["tar", "-xf", str(tarball), "-C", str(work / "unpack"), "--no-same-owner",
-                        "--no-same-permissions"], check=True)
+        cmd(["tar", "-xf", tarball, "-C", work / "unpack", "--no-same-owner", "--no-same-permissions"])
         top = work / "unpack" / tops.pop() if len(tops) == 1 else work / "unpack"
         os.rename(top, dest)
         return dest, {"EROFS_UTILS_VERSION": debian.split_version(version)[1],

@@ -20,6 +20,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from fixtures.process_utils import CmdError, cmd  # sys.path: tools/vmtest/__init__.py
+
 from . import deps
 from .paths import KCONFIG_DIR, cache_root
 
@@ -262,9 +264,10 @@ def fetch_debian_source(package: str = DEFAULT_PACKAGE, suite: str | tuple[str, 
     # Shell tools: tarfile in Python takes minutes for the ~90k files of a kernel tree.
     pipeline = (f"dpkg-deb --fsys-tarfile {shlex.quote(str(deb))} | tar -xO {shlex.quote(member)} "
                 f"| tar -xJ -C {shlex.quote(str(tmp))}")
-    r = subprocess.run(["bash", "-o", "pipefail", "-c", pipeline], capture_output=True, text=True)
-    if r.returncode:
-        raise deps.ToolError(f"cannot unpack {deb}: {r.stderr.strip()[-500:]}")
+    try:
+        cmd(["bash", "-o", "pipefail", "-c", pipeline])
+    except CmdError as e:
+        raise deps.ToolError(f"cannot unpack {deb}: {e}") from e
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     return tree
@@ -289,19 +292,21 @@ class KernelBuild:
         return cache_root() / "kbuild" / self.key
 
     def _make(self, *targets: str, progress: bool = False, **env: str) -> None:
-        cmd = ["make", "-C", str(self.src), f"O={self.builddir}", "ARCH=x86_64", f"-j{self.jobs}", *targets]
+        argv = ["make", "-C", str(self.src), f"O={self.builddir}", "ARCH=x86_64", f"-j{self.jobs}", *targets]
         proc_env = dict(os.environ, **env)
         if not progress:
-            r = subprocess.run(cmd, env=proc_env, capture_output=True, text=True)
-            if r.returncode:
-                raise BuildFailed(f"`{' '.join(cmd)}` failed:\n{(r.stdout + r.stderr)[-3000:]}")
+            try:
+                cmd(argv, env=proc_env)
+            except CmdError as e:
+                raise BuildFailed(str(e)) from e
             return
-        # Stream `make` and show a one-line progress: how many objects, which one now.
+        # Stream `make` and show a one-line progress: how many objects, which one now (not
+        # cmd(), which returns the output at the end); a failure raises with make's last lines.
         tail: list[str] = []
         n = 0
         start = time.monotonic()
         tty = sys.stderr.isatty()
-        with subprocess.Popen(cmd, env=proc_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as p:
+        with subprocess.Popen(argv, env=proc_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as p:
             for line in p.stdout:
                 tail = (tail + [line.rstrip()])[-40:]
                 if line.startswith(("  CC", "  LD", "  AR", "  AS")):
@@ -317,7 +322,7 @@ class KernelBuild:
         if rc:
             errors = [line for line in tail if "error" in line.lower()] or tail[-15:]
             raise BuildFailed(
-                f"the kernel tree {self.src} does not build (make exited {rc}); exit status "
+                f"the kernel tree {self.src} does not build ({shlex.join(argv)} exited {rc}); exit status "
                 f"{EXIT_TREE_DOES_NOT_BUILD} tells `git bisect run` to skip this revision. Last errors:\n"
                 + "\n".join(errors[-15:])
             )

@@ -28,10 +28,11 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from fixtures.process_utils import CmdError, cmd  # sys.path: tools/vmtest/__init__.py
 
 from . import deps, kernel
 from .paths import cache_root
@@ -127,13 +128,14 @@ def apply_series(tree: Path, patches: list[Path]) -> None:
     env = dict(os.environ, GIT_CEILING_DIRECTORIES=str(tree.parent))
     for path in patches:
         for i, text in enumerate(split_mbox(path.read_text(errors="surrogateescape"))):
-            r = subprocess.run(["git", "apply", "--whitespace=nowarn", "-p1", "-"], cwd=tree, env=env,
-                               input=text.encode(errors="surrogateescape"), capture_output=True)
-            if r.returncode:
+            try:
+                cmd(["git", "apply", "--whitespace=nowarn", "-p1", "-"], cwd=tree, env=env,
+                    input=text.encode(errors="surrogateescape"), text=False)
+            except CmdError as e:
                 subject = re.search(r"(?m)^Subject: (.*)$", text)
                 raise deps.ToolError(
                     f"{path} (message {i + 1}{': ' + subject.group(1) if subject else ''}) does not apply "
-                    f"to {tree}:\n{r.stderr.decode(errors='replace')[-2000:]}")
+                    f"to {tree}: {e}") from e
 
 
 # ----------------------------------------------------------------- farms
@@ -221,7 +223,7 @@ def seed_builddir(src_build: Path, dst_build: Path, old_src: Path, new_src: Path
         return False
     tmp = dst_build.with_name(dst_build.name + ".seeding")
     shutil.rmtree(tmp, ignore_errors=True)
-    subprocess.run(["cp", "-a", str(src_build), str(tmp)], check=True)
+    cmd(["cp", "-a", src_build, tmp])
     old, new = str(old_src).encode(), str(new_src).encode()
     for dirpath, _, filenames in os.walk(tmp):
         for name in filenames:
@@ -300,7 +302,8 @@ class Farm:
             for f in series_files(p):
                 touched += touched_paths(f.read_text(errors="surrogateescape"))
         self.touched = touched
-        if n == 0 and state.get("built") == series_digest(patches):
+        if n == 0 and state.get("built") == series_digest(patches) and \
+                (builddir_for(self.tree, options) / "vmlinux").exists():
             log(f"farm {self.tree}: already holds this series, built")
             self.seeded_from = None
             return self.tree

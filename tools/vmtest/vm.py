@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fixtures.process_utils import CmdError, cmd  # sys.path: tools/vmtest/__init__.py
+
 from . import cachegc, deps, guard
 from .paths import REPO, cache_root
 
@@ -65,12 +67,10 @@ KVM_FAILURE_RE = re.compile(r"KVM internal error|emulation failure|failed to set
 def _qemu_kvm_starts() -> bool:
     """qemu can abort on /dev/kvm before the guest runs ("failed to set MSR 0x10a")."""
     try:
-        r = subprocess.run(
-            ["qemu-system-x86_64", "-accel", "kvm", "-cpu", "host", "-machine", "q35",
-             "-display", "none", "-nodefaults", "-no-reboot", "-monitor", "stdio"],
-            input="info status\nquit\n", capture_output=True, text=True, timeout=30,
-        )
-    except (OSError, subprocess.TimeoutExpired):
+        r = cmd(["qemu-system-x86_64", "-accel", "kvm", "-cpu", "host", "-machine", "q35",
+                 "-display", "none", "-nodefaults", "-no-reboot", "-monitor", "stdio"],
+                input="info status\nquit\n", timeout=30, check=False)
+    except CmdError:  # does not start, or hangs
         return False
     return r.returncode == 0 and "failed" not in r.stderr.lower()
 
@@ -85,11 +85,10 @@ def _kernel_boots_under_kvm(kernel: Path) -> bool:
             "-kernel", str(kernel), "-append", "console=ttyS0 panic=-1", "-display", "none",
             "-nodefaults", "-serial", "stdio", "-no-reboot"]
     try:
-        r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                           errors="replace", timeout=KVM_PROBE_TIMEOUT)
-    except (OSError, subprocess.TimeoutExpired):
+        r = cmd(argv, timeout=KVM_PROBE_TIMEOUT, check=False, text=False)  # console bytes may not be UTF-8
+    except CmdError:  # does not start, or hangs
         return False
-    out = r.stdout + r.stderr
+    out = (r.stdout + r.stderr).decode(errors="replace")
     return "Kernel panic" in out and not KVM_FAILURE_RE.search(out)
 
 
