@@ -16,9 +16,14 @@ def _kernel_checks(kernel_checks):
 
 
 @pytest.fixture(autouse=True)
-def _needs_page_cache_share(require):
-    """Declared skip (a failure under --strict) on kernels before 7.0 or without the option."""
-    require.pagecache_share()
+def _needs_page_cache_share(require, request):
+    """Declared skip on kernels before 7.0; without the option a skip naming it (a failure under
+    --strict), except for tests marked `pagecache_options`: they check what mount(2) does with
+    the options on any 7.0+ kernel, the option built in or not."""
+    if request.node.get_closest_marker("pagecache_options"):
+        require.pagecache_options()
+    else:
+        require.pagecache_share()
 
 
 class ImageStore:
@@ -40,7 +45,7 @@ class ImageStore:
 @pytest.fixture(scope="session")
 def pc_store(require):
     """One ext4 filesystem per VM holding the images (built in the guest, once)."""
-    require.pagecache_share()
+    require.pagecache_options()
     from fixtures.cache import CacheFs
     from fixtures.plugin import unique
 

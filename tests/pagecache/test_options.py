@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from fixtures.mounts import MountError
+from fixtures.mounts import MountError, mountinfo
 from fixtures.pagecache import probe
 from fixtures.pagecache.rules import RULE_TEXT, KernelSide, mount_outcome
 
@@ -33,11 +33,17 @@ def check_outcome(pc_mounts, kmsg, image, options, want, backing="bdev"):
 
     err, m, log = try_mount(pc_mounts, kmsg, image, options, backing)
     missing = [rx for rx in want.log if not any(re.search(rx, line) for line in log)]
-    if err != want.err or missing:
+    # erofs_show_options() prints inode_share only when the superblock has it on
+    info = mountinfo(m.path) if m else None
+    shown = bool(info and "inode_share" in info["options"])
+    if err != want.err or missing or (m and shown != want.shares):
+        rows = [("mount -o " + options, errno.errorcode.get(err, "success") if err else "success", want.errname)]
+        if m:
+            rows.append(("inode_share in mountinfo", "yes" if shown else "no", "yes" if want.shares else "no"))
         pytest.fail(
             f"rule {want.rule} broken: {RULE_TEXT[want.rule]}\n\n"
-            + tabulate([("mount -o " + options, errno.errorcode.get(err, "success") if err else "success",
-                         want.errname)], headers=["what", "seen", "expected"])
+            + tabulate(rows, headers=["what", "seen", "expected"])
+            + f"\nmountinfo options: {info['raw'] if info else '(not mounted)'}"
             + "\n\nlog lines expected (regex): " + (", ".join(want.log) or "(none)")
             + "\nmissing: " + (", ".join(missing) or "(none)")
             + "\nkernel log of the mount:\n" + ("\n".join(f"  {x}" for x in log) or "  (none)"),
@@ -45,6 +51,7 @@ def check_outcome(pc_mounts, kmsg, image, options, want, backing="bdev"):
     return m
 
 
+@pytest.mark.pagecache_options  # also on a 7.0+ kernel without CONFIG_EROFS_FS_PAGE_CACHE_SHARE
 @pytest.mark.parametrize("options", [
     "inode_share",                      # no domain_id
     "inode_share,dax",
@@ -52,8 +59,9 @@ def check_outcome(pc_mounts, kmsg, image, options, want, backing="bdev"):
     "inode_share,domain_id=D,dax=always",
     "fsid=F,domain_id=D",
     "domain_id=D",                      # a domain without inode_share: a plain mount
+    "inode_share,domain_id=D",          # sharing on; without the option: logged, a plain mount
 ], ids=["share-without-domain", "share-dax-without-domain", "share-dax", "share-dax-always", "fsid",
-        "domain-without-share"])
+        "domain-without-share", "share-with-domain"])
 def test_rejected_or_plain(pc_mounts, pc_images, kmsg, kernel_side, domain, options):
     options = options.replace("D", domain())
     want = mount_outcome(options, kernel_side)

@@ -74,7 +74,7 @@ class TestConflictMatrix:
     def test_device_equal_to_fsid_in_domain_shares(self):
         o = Oracle()
         r = o.mount(1, "A", "D", ["A", "b", "b"])
-        assert r.ok and r.shared == ("A", "b")
+        assert r.ok and r.shared == ("A", "b") and r.message == "mounted"  # its own cookies only
         assert o.shared_users("erofs,D", "A") == 2 and o.shared_users("erofs,D", "b") == 2
         assert o.expected_opens() == Counter({("erofs,D", "A"): 1, ("erofs,D", "b"): 1})
 
@@ -137,6 +137,9 @@ class TestSharing:
         r2 = o.mount("m2", "boot2", "dom", ["blobX"])
         assert r1.opened == (("erofs,dom", "boot1"), ("erofs,dom", "blobX"))
         assert r2.opened == (("erofs,dom", "boot2"),) and r2.shared == ("blobX",)
+        # a failed check names the rule the mount relied on
+        assert r1.message == "mounted" and "blobX joins the live cookie of domain dom" in r2.message
+        assert "erofs_domain_register_cookie()" in r2.message
         assert o.shared_users("erofs,dom", "blobX") == 2
         assert o.cookie_mounts("erofs,dom", "blobX") == {"m1", "m2"}
         assert o.domain_cookies("dom") == {"boot1", "blobX", "boot2"}

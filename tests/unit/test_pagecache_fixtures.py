@@ -150,3 +150,21 @@ def test_pagecache_suite_is_a_declared_skip_before_7_0_even_under_strict():
     with pytest.raises(pytest.fail.Exception, match="CONFIG_EROFS_FS_PAGE_CACHE_SHARE"):
         req.pagecache_share()
     Requirements(features("7.2.13", FULL), strict=True).pagecache_share()
+
+
+def test_option_tests_run_on_7_0_without_the_option_and_skip_before():
+    """`pagecache_options` tests (test_options.py's mount outcomes) need a 7.0+ kernel only: the
+    options are parsed there with the option built in or not (erofs_fc_parse_param())."""
+    from fixtures.kernel import Requirements
+
+    no = dict(FULL, CONFIG_EROFS_FS_PAGE_CACHE_SHARE="n")
+    assert features("7.2.13", no).why_no_pagecache_options() is None
+    assert features("7.2.13", FULL).why_no_pagecache_options() is None
+    assert "no /proc/config.gz" in features("7.2.13", None).why_no_pagecache_options()
+    Requirements(features("7.2.13", no), strict=True).pagecache_options()
+    req = Requirements(features("6.12.117", no), strict=True)
+    with pytest.raises(pytest.skip.Exception, match="rule pagecache_share .*does not apply to kernel 6.12"):
+        req.pagecache_options()
+    req = Requirements(features("7.2.13", FULL, mkfs="1.8.10"), strict=True)
+    with pytest.raises(pytest.fail.Exception, match="1.9"):
+        req.pagecache_options()
