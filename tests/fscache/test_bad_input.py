@@ -235,6 +235,7 @@ def test_mount_options(case: OptionCase, env, tiny_images, bs1024_image, kmsg, r
             assert expected.is_dir(), (
                 f"file-backed mount with domain_id and no fsid: expected sysfs dir {expected}; "
                 f"/sys/fs/erofs has {sorted(os.listdir('/sys/fs/erofs'))}")
+        env.window.wait_idle()   # requests are logged after their answer (docs/protocol.md#waiting)
         if case.source == "file":
             assert not env.requests("OPEN"), f"a file-backed mount must not talk to the daemon\n{env.render()}"
         else:

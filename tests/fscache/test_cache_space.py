@@ -107,6 +107,7 @@ def test_small_cache_never_returns_wrong_data(daemons, plain_mounts, big_image, 
     assert errs == {errno.EIO}, f"a full cache must turn reads into EIO (and only that):\n{report}"
     ok = sum(1 for _, n, err, _ in chunks if err is None and n == CHUNK)
     assert 0 < ok < len(chunks), f"expected some chunks to fit and some not:\n{report}"
+    d.control.wait_idle(timeout=10)   # requests are logged after their answer (docs/protocol.md#waiting)
     writes = [r for r in d.requests() if r["op"] == "READ" and r.get("errno")]
     assert writes and {r["errno"] for r in writes} <= {errno.ENOBUFS, errno.ENOSPC}, (
         f"the daemon's anon-fd writes must fail ENOBUFS (below bstop) or ENOSPC:\n{report}")
@@ -130,6 +131,7 @@ def test_small_cache_never_returns_wrong_data(daemons, plain_mounts, big_image, 
     m2 = plain_mounts.mount_erofs(fsid)
     again = read_chunks(m2.path / "big.bin", data[: 4 * CHUNK])
     assert all(err is None and n == CHUNK and right for _, n, err, right in again), f"after cull + remount: {again}"
+    d.control.wait_idle(timeout=10)   # requests are logged after their answer (docs/protocol.md#waiting)
     opens = [r for r in d.requests() if r["op"] == "OPEN" and r["cookie_key"] == fsid]
     assert len(opens) == 2, f"one OPEN per mount expected\n{d.render()}"
     refetched = [r for r in d.requests() if r["op"] == "READ" and r["object_id"] == opens[1]["object_id"]]
@@ -218,6 +220,7 @@ def test_cull_and_inuse(daemons, plain_mounts, tiny_images, kmsg):
     m = plain_mounts.mount_erofs(fsid)
     assert hashlib.sha256((m.path / "deep/d1/d2/d3/d4/bottom.txt").read_bytes()).hexdigest() == \
         image.manifest["/deep/d1/d2/d3/d4/bottom.txt"].sha256
+    d.control.wait_idle(timeout=10)
     assert len([r for r in d.requests() if r["op"] == "READ"]) > reads_before, (
         f"after the cull the data must be fetched again (READs)\n{d.render()}")
 

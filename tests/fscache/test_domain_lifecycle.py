@@ -169,6 +169,7 @@ def test_last_umount_races_new_mount(rig, tiny_images, kmsg):
         both = um is not None and mo is not None
         overlap = um.overlap(mo) if both else 0.0
         # the kernel asked the daemon to OPEN the new member's cookie while the umount ran
+        rig.daemon.wait_idle()   # requests are logged after their answer (docs/protocol.md#waiting)
         opens = [r for r in rig.daemon.requests(pos) if r["op"] == "OPEN" and r["cookie_key"] == new.fsid]
         open_in_umount = bool(both and any(um.contains(r["t"]) for r in opens))
         timings.append((i + 1, new.fsid, f"{um.end - um.start:.2f}" if um else "-",

@@ -25,6 +25,7 @@ def test_single_image_fsid_mount(require, images, daemon, mounts, snapshot):
     assert [v.key for v in during.volumes] == [vol], during.render()
     assert sorted(c.key_text for c in during.cookies_of(vol)) == [img.fsid], during.render()
 
+    daemon.control.wait_idle(timeout=10)   # requests are logged after their answer (docs/protocol.md#waiting)
     opens = [r for r in daemon.requests() if r["op"] == "OPEN"]
     assert [(r["volume_key"], r["cookie_key"]) for r in opens] == [(vol, img.fsid)], daemon.render()
 

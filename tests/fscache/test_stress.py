@@ -184,6 +184,7 @@ def test_domain_mount_churn_with_readers(env, tiny_images, kmsg, artifacts):
         assert not tally.slow, "slow mounts (volume collision wait?):\n" + "\n".join(tally.slow)
         race.record(bool(between) and bool(with_reads), summary + "\n" + timeline.render())
     race.check()
+    env.window.wait_idle()   # requests are logged after their answer (docs/protocol.md#waiting)
     blob_opens = [r for r in env.requests("OPEN") if r["cookie_key"] == blob]
     assert len(blob_opens) == 1, (
         f"the shared blob stays one cookie while the anchor lives: expected 1 OPEN, got {len(blob_opens)}\n"
@@ -254,6 +255,7 @@ def test_parallel_readers_of_one_uncached_range(env, tiny_images, kmsg, artifact
         stuck = run_threads(readers, 30)
         assert not stuck, f"readers still blocked: {stuck}\n{env.render()}"
         digests = {sha(r.result.data) if r.result.data is not None else errname(r.result.errno) for r in readers}
+        env.window.wait_idle()
         reads = [r for r in env.requests()[mark:] if r["op"] == "READ" and r["cookie_key"] == blob]
         slow = [r for r in reads if "delay" in (r.get("fault") or "").split(",")]
         # the daemon logs a READ when it completed it; it received it SLOW_READ s earlier
