@@ -20,6 +20,7 @@ import pytest
 REPO = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO / "tools"))
 
+from vmtest import legs  # noqa: E402
 from vmtest.kernel import KERNELS  # noqa: E402
 
 from fixtures.kernel import strict_mode  # noqa: E402
@@ -52,6 +53,9 @@ def pytest_addoption(parser):
                      "cached copy (env EROFS_TEST_EROFS_UTILS_SRC)")
     g.addoption("--host-mode", action="store_true",
                 help="run tests/fscache on this machine's own kernel (binds cachefiles and mounts here)")
+    g.addoption("--leg", choices=("vm", "host"),
+                help="tox's two legs of one run (tools/vmtest/legs.py): of the paths named, run those under "
+                     "this leg's directories; none named: all of them; nothing left: pass, saying so")
     g.addoption("--results", type=Path, help="per-test artifacts directory (default: results/)")
     g.addoption("--test-timeout", type=float, default=float(os.environ.get("EROFS_TEST_TIMEOUT", "120")),
                 help="seconds before a test's daemon is killed (then the worker is ended)")
@@ -203,7 +207,19 @@ def worker_count(config) -> int:
     return sum(int(tx.split("*", 1)[0]) if "*" in tx else 1 for tx in (config.getoption("tx", None) or []))
 
 
+def select_leg(config):
+    """Every process of a leg (controller, xdist workers, guests) narrows its arguments alike."""
+    leg = config.getoption("leg")
+    if not leg:
+        return
+    named = list(config.args) if config.args_source == pytest.Config.ArgsSource.ARGS else None
+    config.args = legs.select(leg, named, REPO)
+    if not config.args:
+        pytest.exit(legs.nothing_selected(leg, named), returncode=pytest.ExitCode.OK)
+
+
 def pytest_configure(config):
+    select_leg(config)
     results = config.getoption("results") or Path(os.environ.get("EROFS_TEST_RESULTS") or REPO / "results")
     os.environ["EROFS_TEST_RESULTS"] = str(Path(results).resolve())
     if not (is_worker(config) or in_vm()):
@@ -232,7 +248,7 @@ def pytest_configure(config):
             resolve_mkfs(config)
         except deps.ToolError as e:
             raise pytest.UsageError(str(e)) from None
-    if not vm_mode(config) and any(str(a).startswith("tests/host") for a in config.args):
+    if not vm_mode(config) and any(legs.owns("host", str(a), REPO) for a in config.args):
         # Tests that boot VMs of their own from here (tests/host): they need the kernel only.
         from vmtest import deps, kernel
 
@@ -287,6 +303,18 @@ def pytest_report_header(config):
         return None
     return [title, tabulate(rows, headers=["feature", "value"], tablefmt="simple"),
             f"strict mode: {'on' if strict_mode(config) else 'off'}"]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session, exitstatus):
+    """A leg whose tests `-k`/`-m` all deselected ran nothing it was asked for: that passes."""
+    if session.config.getoption("leg") and exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED and not is_worker(
+            session.config):
+        session.exitstatus = pytest.ExitCode.OK
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter:
+            reporter.write_line(f"--leg {session.config.getoption('leg')}: every test deselected; "
+                                "nothing to run in this leg")
 
 
 def pytest_collection_finish(session):
