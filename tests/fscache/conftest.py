@@ -1,7 +1,8 @@
 """Every test here runs as root on a kernel with the on-demand features (in a VM).
 
 Fixtures of every test family: the module's shared daemon (`shared_daemon`) and a test's view
-of it (`rig` for the domain tests, `env` for the fault tests); daemons a test starts itself
+of it (`rig` for the domain tests, `env` for the fault tests; `kernel_trace`, the kernel's trace
+of the requests beside a rig); daemons a test starts itself
 (`daemons`, `plain_mounts`). The pieces are in fixtures/daemons.py.
 """
 
@@ -103,6 +104,21 @@ def rig(require, shared_daemon, kmsg, artifacts):
         r = Rig(window, table, kmsg, artifacts, unique)
         r.before = r.snapshot()
         yield r
+
+
+@pytest.fixture
+def kernel_trace(require, rig):
+    """The kernel's own trace of the on-demand requests beside `rig` (cachefiles_ondemand_*
+    tracepoints; tests/fscache/trace_checks.py `KernelTrace`). Enabled after the rig is set up,
+    so it holds every request the test's mounts make; disabled before the rig unmounts (its
+    teardown's CLOSEs are not traced)."""
+    from fixtures.observe.ondemand_trace import OndemandTrace
+    from tests.fscache.trace_checks import KernelTrace
+
+    require.ondemand_trace()
+    trace = OndemandTrace()
+    yield KernelTrace(trace, rig)
+    trace.close()
 
 
 @dataclass
