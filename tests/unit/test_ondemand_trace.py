@@ -7,14 +7,9 @@ from fixtures.observe import ondemand_agreement as agree
 from fixtures.observe import tracefs
 from fixtures.observe.ondemand_trace import EVENTS, OndemandEvent, TraceFormatError, parse_line, parse_trace
 
-# One object's life as the kernel traces it: the open, read and close events are emitted before
+# One object's life as trace_pipe prints it: the open, read and close events are emitted before
 # cachefiles_ondemand_daemon_read() sets msg_id/object_id, so they print mid=0 oid=0.
 TRACE = """\
-# tracer: nop
-#
-# entries-in-buffer/entries-written: 8/8   #P:2
-#
-#                                _-----=> irqs-off/BH-disabled
            <...>-512     [001] .....    41.100001: cachefiles_ondemand_open: o=0000001a mid=0 oid=0 fd=7 f=0
          python3-512     [001] .....    41.100200: cachefiles_ondemand_copen: o=0000001a mid=3 l=2a000
              cat-600     [000] .....    41.200000: cachefiles_ondemand_read: o=0000001a mid=0 oid=0 s=1000 l=3000
@@ -65,7 +60,7 @@ def test_a_changed_format_is_an_error_naming_the_line(line):
 
 def test_other_lines_are_not_events():
     assert parse_line("x-1 [000] ..... 1.0: cachefiles_ondemand_new_event: o=1") is None
-    assert parse_line("# entries-in-buffer/entries-written: 8/8   #P:2") is None
+    assert parse_line("CPU:1 [LOST 3 EVENTS]") is None
     assert len(EVENTS) == 7 and all(s == "cachefiles" for s, _ in EVENTS)
 
 
@@ -75,7 +70,7 @@ def fake_tracefs(tmp_path, events):
         d = tmp_path / "events" / system / event
         d.mkdir(parents=True)
         (d / "enable").write_text("0")
-    for f in ("trace", "tracing_on"):
+    for f in ("trace", "trace_pipe", "tracing_on"):
         (tmp_path / f).write_text("")
     return tmp_path
 
@@ -86,9 +81,8 @@ def test_trace_events_enable_take_clear_and_disable(tmp_path):
     assert (root / "events/cachefiles/cachefiles_ondemand_read/enable").read_text() == "1"
     assert (root / "events/erofs/erofs_readahead/enable").read_text() == "0"
     assert (root / "tracing_on").read_text() == "1"
-    (root / "trace").write_text(TRACE)
+    (root / "trace_pipe").write_text(TRACE)
     assert t.take() == TRACE
-    assert (root / "trace").read_text() == ""
     t.close()
     assert (root / "events/cachefiles/cachefiles_ondemand_read/enable").read_text() == "0"
 
@@ -102,10 +96,11 @@ def test_a_missing_tracepoint_is_named(tmp_path):
 def test_an_overrun_buffer_is_an_error_not_a_short_trace(tmp_path):
     root = fake_tracefs(tmp_path, [("cachefiles", "cachefiles_ondemand_read")])
     t = tracefs.TraceEvents((("cachefiles", "cachefiles_ondemand_read"),), root)
-    (root / "trace").write_text("# entries-in-buffer/entries-written: 100/130   #P:2\n")
+    (root / "trace_pipe").write_text("x-1 [000] ..... 1.0: cachefiles_ondemand_cread: o=00000001 mid=4\n"
+                                     "CPU:1 [LOST 30 EVENTS]\n")
     with pytest.raises(tracefs.TraceLost, match="dropped 30 event"):
         t.take()
-    assert tracefs.lost_events("no header") == 0
+    assert tracefs.lost_events(TRACE) == 0
 
 
 # ----------------------------------------------------------------- trace against the daemon's log
