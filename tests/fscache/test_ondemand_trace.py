@@ -56,12 +56,13 @@ def test_the_kernel_opens_a_shared_blob_once_per_domain(rig, tiny_images, kernel
         want = Counter(out.predicted.opened)
         kernel_trace.settle(lambda mark=mark, want=want: kernel_trace.opened(mark) == want)
         got = kernel_trace.opened(mark)
-        rows += [(out.member.describe(), f"{v} / {c}", want[(v, c)], got[(v, c)])
+        rows += [(out.member.describe(), f"{v} / {c}", want[(v, c)], got[(v, c)],
+                  "<-- differs" if want[(v, c)] != got[(v, c)] else "")
                  for v, c in sorted(set(want) | set(got), key=str)]
         bad |= got != want
     if bad:
         kernel_trace.fail(f"trace: {RULE_OPEN}", "OPENs per mount, the oracle's against the kernel's trace:\n"
-                          + tabulate(rows, headers=("mount", "volume / cookie", "oracle", "kernel traced")))
+                          + tabulate(rows, headers=("mount", "volume / cookie", "oracle", "kernel traced", "")))
 
 
 def test_the_kernel_reads_shared_data_once_per_domain(rig, tiny_images, kernel_trace):
