@@ -29,6 +29,7 @@ BUG_LINE = re.compile(r"kernel BUG at fs/cachefiles/key\.c:47")
 BUSY_LINE = re.compile(r"VFS: Busy inodes after unmount of erofs")
 OOPS_LINE = re.compile(r"general protection fault|BUG: unable to handle|Oops:|KASAN")
 PRIMARY_COOKIE_SCRIPT = REPO / "docs" / "known-bugs" / "erofs-6.1-shared-primary-cookie.sh"
+REMOUNT_SHARE_SCRIPT = REPO / "docs" / "known-bugs" / "erofs-7.2-remount-inode-share.sh"
 VM_TIMEOUT = 300
 
 
@@ -122,4 +123,37 @@ def test_device_naming_a_member_fsid_frees_inode_of_live_cookie(test_kernel):
         f"no busy inodes and no oops, but the reproducer did not finish (vm-run exit {rc}); console {console}\n"
         f"{summary}")
     pytest.fail(f"rule bug_shared_primary_inode says this kernel has the bug, but the reproducer ran clean: "
+                f"narrow the rule's range in fixtures/kernel.py\n{summary}", pytrace=False)
+
+
+@pytest.mark.crashes_kernel
+def test_remount_turning_inode_share_on_without_a_domain(test_kernel):
+    """7.0+: a mount made without inode_share/domain_id, remounted `-o remount,inode_share`:
+    erofs_fc_reconfigure() takes INODE_SHARE while sbi->domain_id stays NULL. From 7.2.7 the next
+    file lookup oopses in strlen() from erofs_xattr_fill_inode_fingerprint() (the reader is
+    killed, the guest lives on tainted: a VM of its own); before, files share with no domain.
+    Runs docs/known-bugs/erofs-7.2-remount-inode-share.sh."""
+    requires_bug(test_kernel, "bug_remount_inode_share")
+    console = console_path("kernel-bug-remount-inode-share")
+    rc, out = run_in_guest(test_kernel, console, "bash", str(REMOUNT_SHARE_SCRIPT))
+    log = (console.read_text(errors="replace") if console.exists() else "") + "\n" + out
+    lines = [x for x in log.splitlines() if "RESULT" in x or OOPS_LINE.search(x) or "NULL pointer" in x
+             or "erofs_" in x and "+0x" in x]
+    summary = "\n".join(lines[-20:]) or "(no RESULT lines)"
+    if m := re.search(r"RESULT no page-cache sharing in this kernel: (.*)", log):
+        pytest.skip(f"the kernel does not share page cache (CONFIG_EROFS_FS_PAGE_CACHE_SHARE): {m.group(1)}")
+    assert "RESULT plain mount" in log, (
+        f"the reproducer did not get as far as the plain mount (vm-run exit {rc}); console {console}\n{summary}")
+    if OOPS_LINE.search(log) or "NULL pointer dereference" in log:
+        pytest.xfail(f"known kernel bug (rule bug_remount_inode_share): inode_share turned on by a remount "
+                     f"without a domain oopses on the next lookup; console {console}\n{summary}")
+    if re.search(r"RESULT remount exit 0: \S*\binode_share\b", log):
+        # Before `erofs: delimit inode_share cache key components` (7.2.7) the key tolerated a NULL
+        # domain: no oops, the files share under a key without a domain.
+        pytest.xfail(f"known kernel bug (rule bug_remount_inode_share): the remount turned inode_share on for a "
+                     f"mount without domain_id (sharing outside any domain); console {console}\n{summary}")
+    assert "RESULT read after the remount: ok" in log and "RESULT unmounted" in log, (
+        f"no oops, but the file did not read back or the mount did not come down (vm-run exit {rc}); "
+        f"console {console}\n{summary}")
+    pytest.fail(f"rule bug_remount_inode_share says this kernel has the bug, but the reproducer ran clean: "
                 f"narrow the rule's range in fixtures/kernel.py\n{summary}", pytrace=False)

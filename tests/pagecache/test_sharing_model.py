@@ -1,4 +1,4 @@
-"""Model-based: random mount/umount/read/DONTNEED/drop_caches sequences over plain, twin,
+"""Model-based: random mount/umount/remount/read/DONTNEED/drop_caches sequences over plain, twin,
 compressed and other images, loop-device and file-backed mounts, domains d and d1 (one a
 prefix of the other) and mounts without sharing, compared after every step with the oracle
 (fixtures/pagecache/oracle.py): the file operations each file got and the pages resident in
@@ -27,6 +27,7 @@ IMAGES = ("base", "twin", "other", "base-z")
 @pytest.mark.timeout(660)
 def test_sharing_matches_the_model(pc_mounts, pc_images, kmsg, domain):
     imgs = {name: pc_images[name] for name in IMAGES}
+    kmsg.expect(r"ignoring reconfiguration for domain_id")
     examples = iter(range(1 << 20))
 
     class SharingMachine(RuleBasedStateMachine):
@@ -65,6 +66,19 @@ def test_sharing_matches_the_model(pc_mounts, pc_images, kmsg, domain):
         @rule(data=st.data())
         def dontneed(self, data):
             self.s.dontneed(*self._pick(data))
+
+        @precondition(lambda self: self.s.by_name)
+        @rule(data=st.data(), move=st.booleans())
+        def remount(self, data, move):
+            """With its own options, or a member into the other domain: erofs_fc_reconfigure()
+            keeps the domain (and logs that it ignores domain_id), so the model does not change."""
+            name = data.draw(st.sampled_from(sorted(self.s.by_name)), label="remount")
+            m = self.s.by_name[name]
+            if move and m.domain_id is not None:
+                other = self.domains[1 - self.domains.index(m.domain_id)]
+                self.s.remount(m, f"inode_share,domain_id={other}")
+            else:
+                self.s.remount(m, m.options)
 
         @rule(what=st.sampled_from((1, 3)))
         def drop_caches(self, what):

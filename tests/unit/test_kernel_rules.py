@@ -60,6 +60,14 @@ def test_page_cache_sharing_is_7_0_and_later_and_needs_its_options():
     assert k.declared("pagecache_share") and "inode_share is an unknown parameter" in k.why_no_pagecache_share()
 
 
+def test_the_remount_bug_needs_page_cache_sharing():
+    pc = {"CONFIG_EROFS_FS_PAGE_CACHE_SHARE": "y", "CONFIG_EROFS_FS_XATTR": "y"}
+    assert kernel("7.0.1", **pc).holds("bug_remount_inode_share")
+    assert kernel("7.2.13", **pc).holds("bug_remount_inode_share")
+    assert not kernel("7.2.13", **{**pc, "CONFIG_EROFS_FS_PAGE_CACHE_SHARE": "n"}).holds("bug_remount_inode_share")
+    assert not kernel("6.12.117").holds("bug_remount_inode_share")
+
+
 def test_a_missing_option_in_range_fails_under_strict():
     k = kernel("6.12.117", CONFIG_EROFS_FS_BACKED_BY_FILE="n")
     assert not k.holds("file_backed_mount") and not k.declared("file_backed_mount")

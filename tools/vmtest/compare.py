@@ -59,6 +59,7 @@ BUG_PROBES = {
     "bug_shared_primary_inode":
         "tests/host/test_kernel_bug.py::test_device_naming_a_member_fsid_frees_inode_of_live_cookie",
     "bug_cachefiles_key47": "tests/host/test_kernel_bug.py::test_domain_fsid_253_bytes_hits_cachefiles_bug[253]",
+    "bug_remount_inode_share": "tests/host/test_kernel_bug.py::test_remount_turning_inode_share_on_without_a_domain",
 }
 
 
