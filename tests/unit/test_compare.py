@@ -565,6 +565,7 @@ def test_compare_kernels_reruns_differences_and_probes_known_bugs(tmp_path, monk
     # the differing tests only, without -k and the default path; not T3, whose every move is a
     # rule that differs between the kernels (nor the declared skips)
     assert started[2][2] == [T1, T5]
+    assert started[4][2] == [T1]  # T5 passed its first rerun on B: flaky already, not rerun again
     report = json.loads((out / "report.json").read_text())
     groups = {g: [t["nodeid"] for t in ts] for g, ts in report["groups"].items() if ts}
     assert groups == {"newly failing": [T1], "flaky": [T5], "changed by rules": [T3],
@@ -575,6 +576,6 @@ def test_compare_kernels_reruns_differences_and_probes_known_bugs(tmp_path, monk
     assert report["groups"]["version rule skip"][0]["declared"]["rule"] == "file_backed_mount"
     md = (out / "report.md").read_text()
     assert ("Reruns: 2 test(s) differed in the first runs and ran 2 more time(s) on each side: "
-            "1 confirmed, 1 flaky") in md
+            "1 confirmed, 1 flaky (1 found flaky earlier and not rerun again)") in md
     assert "| file_backed_mount" in md and "general protection fault" in md
     assert "| ondemand_deprecated" in md

@@ -320,6 +320,14 @@ def classify(nodeid: str, a: list[Run], b: list[Run], rules: dict | None = None,
     return d
 
 
+def is_flaky(nodeid: str, runs_a: list[dict[str, Run]], runs_b: list[dict[str, Run]]) -> bool:
+    """The runs so far already make `nodeid` flaky: its outcome or a first-run difference varied
+    between the runs of a side, which further runs cannot undo."""
+    a = [r[nodeid] for r in runs_a if nodeid in r]
+    b = [r[nodeid] for r in runs_b if nodeid in r]
+    return classify(nodeid, a, b).group == "flaky"
+
+
 def _attribute(d: TestDiff, rules: dict, release_a: str | None) -> dict[str, str]:
     """Moved observable -> the differing rule that explains it: the rule rows a test recorded
     (the rules it asked about), log lines worded as a differing rule says, and what a rule the
@@ -389,8 +397,10 @@ class Comparison:
             return "Reruns: none (no difference to confirm)" if self.meta.get("reruns") else ""
         flaky = [t for t in rerun if t.group == "flaky"]
         n = max(t.reruns for t in rerun)
+        early = sum(1 for t in flaky if t.reruns < n)
         return (f"Reruns: {len(rerun)} test(s) differed in the first runs and ran {n} more time(s) on each side: "
-                f"{len(rerun) - len(flaky)} confirmed, {len(flaky)} flaky")
+                f"{len(rerun) - len(flaky)} confirmed, {len(flaky)} flaky"
+                + (f" ({early} found flaky earlier and not rerun again)" if early else ""))
 
     def to_json(self) -> dict:
         return {"A": self.label_a, "B": self.label_b, "meta": self.meta,
