@@ -1,4 +1,4 @@
-"""Suite entry point: options, the host-side controller (kernel, erofs-utils, VM workers),
+"""Suite entry point: the host-side controller (kernel, erofs-utils, VM workers),
 and the fixture library in fixtures/plugin.py.
 
 Two ways to run tests/fscache:
@@ -21,44 +21,11 @@ REPO = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO / "tools"))
 
 from vmtest import legs  # noqa: E402
-from vmtest.kernel import KERNELS  # noqa: E402
 
 from fixtures.kernel import strict_mode  # noqa: E402
 from fixtures.process_utils import cmd  # noqa: E402
 
 pytest_plugins = ["fixtures.record", "fixtures.plugin"]
-
-
-def _env_path(name):
-    return Path(os.environ[name]) if os.environ.get(name) else None
-
-
-def pytest_addoption(parser):
-    g = parser.getgroup("erofs-fscache")
-    g.addoption("--kernel", type=Path, default=_env_path("EROFS_TEST_KERNEL"),
-                help="test this bzImage (VM mode; env EROFS_TEST_KERNEL)")
-    g.addoption("--kernel-src", type=Path, default=_env_path("EROFS_TEST_KERNEL_SRC"),
-                help="build (or reuse) a kernel from this tree before the workers start "
-                     "(VM mode; env EROFS_TEST_KERNEL_SRC)")
-    g.addoption("--kernel-profile", default="default", help="kernel config profile: default or debug")
-    g.addoption("--kernel-version", default=os.environ.get("EROFS_TEST_KERNEL_VERSION") or None,
-                choices=sorted(KERNELS),
-                help="build (or reuse) Debian's linux-source of this series with the fragments it needs: "
-                     "6.1 (bookworm-security), 6.12 (trixie, the default), 7.2 (sid, page-cache sharing); "
-                     "env EROFS_TEST_KERNEL_VERSION")
-    g.addoption("--mkfs", help="the mkfs.erofs under test, used as it is, with dump.erofs and fsck.erofs "
-                "beside it (env MKFS_EROFS; default: Debian's erofs-utils, built)")
-    g.addoption("--erofs-utils-src", type=Path,
-                help="test this erofs-utils tree: its source is built (autogen, configure, make) in a "
-                     "cached copy (env EROFS_TEST_EROFS_UTILS_SRC)")
-    g.addoption("--host-mode", action="store_true",
-                help="run tests/fscache on this machine's own kernel (binds cachefiles and mounts here)")
-    g.addoption("--leg", choices=("vm", "host"),
-                help="tox's two legs of one run (tools/vmtest/legs.py): of the paths named, run those under "
-                     "this leg's directories; none named: all of them; nothing left: pass, saying so")
-    g.addoption("--results", type=Path, help="per-test artifacts directory (default: results/)")
-    g.addoption("--test-timeout", type=float, default=float(os.environ.get("EROFS_TEST_TIMEOUT", "120")),
-                help="seconds before a test's daemon is killed (then the worker is ended)")
 
 
 def in_vm() -> bool:
