@@ -123,7 +123,9 @@ class TestCookKey:
                 out += acc.to_bytes(3, "little")
             assert out[:len(out) - pad] == key
 
-    @given(st.binary(min_size=1, max_size=64).filter(lambda k: all(33 <= c <= 46 or 48 <= c <= 127 for c in k)))
+    # Drawn from the printable set itself: filtering random bytes rejects most of them, and
+    # Hypothesis' filter_too_much health check then fails the test now and then.
+    @given(st.lists(st.sampled_from([c for c in range(33, 128) if c != 47]), min_size=1, max_size=64).map(bytes))
     def test_printable_keys_are_direct(self, key):
         assert cook_key(key) == "D" + key.decode("ascii")
 
