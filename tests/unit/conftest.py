@@ -13,10 +13,17 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from fixtures.ondemand.client import DaemonControl
 from fixtures.ondemand.daemon import OnDemandDaemon
 from tests.unit.fake_device import PAGE, FakeKernel, Harness
+
+# Property tests of pure functions: no per-example deadline and no too_slow health check (a
+# loaded CI machine is not a slow function); the same examples on every CI run.
+settings.register_profile("unit", deadline=None, suppress_health_check=[HealthCheck.too_slow],
+                          derandomize=bool(os.environ.get("CI")))
+settings.load_profile("unit")
 
 
 @pytest.fixture
