@@ -224,3 +224,28 @@ def test_newest_source_version_and_tarball(tmp_path, monkeypatch):
     assert debian._pick_tarball("erofs-utils", "1.9.4", "1.9.4-1", files) == "erofs-utils_1.9.4.orig.tar.gz"
     native = {"pkg_2.0.tar.xz": "x", "pkg_2.0.dsc": "y"}
     assert debian._pick_tarball("pkg", "2.0", "2.0", native) == "pkg_2.0.tar.xz"
+
+
+# `apt-cache madison linux-source-6.12` on a root holding trixie, bookworm-security and sid
+# (a fresh Debian 12 root, 2026-12: bookworm-security had moved to 6.12.118).
+MADISON = """\
+linux-source-6.12 | 6.12.118-1~deb12u1 | http://deb.debian.org/debian-security bookworm-security/main amd64 Packages
+linux-source-6.12 | 6.12.117-1 | http://deb.debian.org/debian trixie/main amd64 Packages
+linux-source-6.12 | 6.12.117-1~deb12u1 | http://deb.debian.org/debian-security bookworm-security/main amd64 Packages
+linux-source-6.12 | 6.12.107-1 | http://deb.debian.org/debian trixie/main amd64 Packages
+     linux | 6.12.117-1 | http://deb.debian.org/debian trixie/main Sources
+linux-6.12 | 6.12.118-1~deb12u1 | http://deb.debian.org/debian-security bookworm-security/main Sources
+"""
+
+
+def test_a_series_takes_its_own_suites_version_only(tmp_path, monkeypatch):
+    """6.12 is trixie's: the newer 6.12.118~deb12u1 of bookworm-security (configured for 6.1)
+    must not stand in for it."""
+    apt = PrivateApt(tmp_path, MIRROR)
+    monkeypatch.setattr(apt, "_run", lambda *a, **k: MADISON)
+    assert debian.parse_madison(MADISON)[0] == ("linux-source-6.12", "6.12.118-1~deb12u1", "bookworm-security")
+    assert len(debian.parse_madison(MADISON)) == 4  # the Sources lines are not binaries
+    assert apt.newest_binary_version("linux-source-6.12", ("trixie",)) == "6.12.117-1"
+    assert apt.newest_binary_version("linux-source-6.12", ("trixie", "bookworm-security")) == "6.12.118-1~deb12u1"
+    with pytest.raises(debian.DebianError, match="no binary package linux-source-6.12 in the suites sid"):
+        apt.newest_binary_version("linux-source-6.12", ("sid",))

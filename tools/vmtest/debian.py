@@ -454,6 +454,18 @@ class PrivateApt:
             raise DebianError(f"apt-get source did not produce {path} with the expected checksum")
         return path
 
+    def newest_binary_version(self, pkg: str, suites: Iterable[str]) -> str:
+        """The newest version of binary package `pkg` in `suites` only: one private root serves
+        every kernel series, so other suites are configured too (bookworm-security carries a
+        linux-source-6.12 as well, which must not stand in for trixie's)."""
+        wanted = set(suites)
+        rows = parse_madison(self._run("apt-cache", "madison", pkg, quiet=True))
+        versions = [v for p, v, suite in rows if p == pkg and suite in wanted]
+        if not versions:
+            raise DebianError(f"no binary package {pkg} in the suites {' '.join(sorted(wanted))} "
+                              f"(configured: {' '.join(self.configured_suites())})")
+        return max(versions, key=functools.cmp_to_key(version_compare))
+
     def download_binary(self, pkg: str, version: str | None = None) -> Path:
         """Download binary package `pkg` (the candidate, or `version`); return the .deb."""
         spec = f"{pkg}={version}" if version else pkg
@@ -472,6 +484,19 @@ class PrivateApt:
         if not path.exists():
             raise DebianError(f"apt-get download did not produce {path}")
         return path
+
+
+def parse_madison(text: str) -> list[tuple[str, str, str]]:
+    """`apt-cache madison` lines of binary packages -> (package, version, suite)."""
+    rows = []
+    for line in text.splitlines():
+        parts = [x.strip() for x in line.split("|")]
+        if len(parts) != 3:
+            continue
+        where = parts[2].split()  # URL, suite/component, arch, "Packages" (or "Sources")
+        if len(where) == 4 and where[3] == "Packages":
+            rows.append((parts[0], parts[1], where[1].split("/")[0]))
+    return rows
 
 
 def _checksums(text: str) -> dict[str, str]:

@@ -236,8 +236,9 @@ def fetch_debian_source(package: str = DEFAULT_PACKAGE, suite: str | tuple[str, 
                         log=print) -> Path:
     """Download and unpack Debian's linux-source package through a private apt configuration.
 
-    With several suites the newest version among them wins; a suite whose archive cannot be
-    reached (bookworm-security behind a mirror without it) is dropped with a note."""
+    With several suites the newest version among them wins (never one of another suite the
+    private root also holds); a suite whose archive cannot be reached (bookworm-security behind
+    a mirror without it) is dropped with a note."""
     from .debian import DebianError, PrivateApt
 
     suites = (suite,) if isinstance(suite, str) else tuple(suite)
@@ -250,7 +251,8 @@ def fetch_debian_source(package: str = DEFAULT_PACKAGE, suite: str | tuple[str, 
         log(f"apt-get update with {' '.join(suites)} failed; trying {' '.join(suites[1:])} ({str(e)[-200:]})")
         apt.drop_suites(suites[:1])
         apt.update(suites[1:], force=True)
-    deb = Path(apt.download_binary(package))
+        suites = suites[1:]
+    deb = Path(apt.download_binary(package, apt.newest_binary_version(package, suites)))
     version = deb.name.split("_")[1]
     dest = cache_root() / "src" / f"{package}-{version}"
     tree = dest / package
