@@ -28,6 +28,8 @@ REPO = Path(__file__).resolve().parents[2]
 BUG_LINE = re.compile(r"kernel BUG at fs/cachefiles/key\.c:47")
 BUSY_LINE = re.compile(r"VFS: Busy inodes after unmount of erofs")
 OOPS_LINE = re.compile(r"general protection fault|BUG: unable to handle|Oops:|KASAN")
+NULL_DEREF_LINE = re.compile(r"NULL pointer dereference")
+CALL_TRACE_LINE = re.compile(r"erofs_\w+\+0x")
 PRIMARY_COOKIE_SCRIPT = REPO / "docs" / "known-bugs" / "erofs-6.1-shared-primary-cookie.sh"
 REMOUNT_SHARE_SCRIPT = REPO / "docs" / "known-bugs" / "erofs-7.2-remount-inode-share.sh"
 VM_TIMEOUT = 300
@@ -84,16 +86,26 @@ def run_in_guest(kernel: Path, console: Path, *command: str) -> tuple[int | None
         return None, out
 
 
+def guest_log(console: Path, out: str) -> str:
+    """The guest's console log and what vm-run printed, as one text."""
+    return (console.read_text(errors="replace") if console.exists() else "") + "\n" + out
+
+
+def summarize(log: str, *patterns: re.Pattern) -> str:
+    """The reproducer's RESULT lines and the kernel lines matching `patterns`, last 20."""
+    lines = [x for x in log.splitlines() if "RESULT" in x or any(p.search(x) for p in patterns)]
+    return "\n".join(lines[-20:]) or "(no RESULT lines)"
+
+
 @pytest.mark.crashes_kernel
 @pytest.mark.parametrize("length", [253])
 def test_domain_fsid_253_bytes_hits_cachefiles_bug(test_kernel, length, tmp_path):
     requires_bug(test_kernel, "bug_cachefiles_key47")
     console = console_path(f"kernel-bug-{length}")
     rc, out = run_guest(test_kernel, console, str(length))
-    log = console.read_text(errors="replace") if console.exists() else ""
-    lines = [x for x in (log + "\n" + out).splitlines() if "RESULT" in x or BUG_LINE.search(x)]
-    summary = "\n".join(lines[-20:]) or "(no RESULT lines)"
-    if BUG_LINE.search(log) or BUG_LINE.search(out):
+    log = guest_log(console, out)
+    summary = summarize(log, BUG_LINE)
+    if BUG_LINE.search(log):
         pytest.xfail(f"known kernel bug: fsid of {length} bytes in a domain -> BUG_ON in cachefiles_cook_key() "
                      f"(fs/cachefiles/key.c:47), mount hangs; console {console}\n{summary}")
     assert rc is not None, f"the guest did not end within {VM_TIMEOUT} s and showed no BUG line\n{summary}"
@@ -111,9 +123,8 @@ def test_device_naming_a_member_fsid_frees_inode_of_live_cookie(test_kernel):
     requires_bug(test_kernel, "bug_shared_primary_inode")
     console = console_path("kernel-bug-primary-cookie")
     rc, out = run_in_guest(test_kernel, console, "bash", str(PRIMARY_COOKIE_SCRIPT))
-    log = (console.read_text(errors="replace") if console.exists() else "") + "\n" + out
-    lines = [x for x in log.splitlines() if "RESULT" in x or BUSY_LINE.search(x) or OOPS_LINE.search(x)]
-    summary = "\n".join(lines[-20:]) or "(no RESULT lines)"
+    log = guest_log(console, out)
+    summary = summarize(log, BUSY_LINE, OOPS_LINE)
     assert "RESULT both members mounted" in log, (
         f"the reproducer did not get as far as the two mounts (vm-run exit {rc}); console {console}\n{summary}")
     if BUSY_LINE.search(log) or OOPS_LINE.search(log):
@@ -136,15 +147,13 @@ def test_remount_turning_inode_share_on_without_a_domain(test_kernel):
     requires_bug(test_kernel, "bug_remount_inode_share")
     console = console_path("kernel-bug-remount-inode-share")
     rc, out = run_in_guest(test_kernel, console, "bash", str(REMOUNT_SHARE_SCRIPT))
-    log = (console.read_text(errors="replace") if console.exists() else "") + "\n" + out
-    lines = [x for x in log.splitlines() if "RESULT" in x or OOPS_LINE.search(x) or "NULL pointer" in x
-             or "erofs_" in x and "+0x" in x]
-    summary = "\n".join(lines[-20:]) or "(no RESULT lines)"
+    log = guest_log(console, out)
+    summary = summarize(log, OOPS_LINE, NULL_DEREF_LINE, CALL_TRACE_LINE)
     if m := re.search(r"RESULT no page-cache sharing in this kernel: (.*)", log):
         pytest.skip(f"the kernel does not share page cache (CONFIG_EROFS_FS_PAGE_CACHE_SHARE): {m.group(1)}")
     assert "RESULT plain mount" in log, (
         f"the reproducer did not get as far as the plain mount (vm-run exit {rc}); console {console}\n{summary}")
-    if OOPS_LINE.search(log) or "NULL pointer dereference" in log:
+    if OOPS_LINE.search(log) or NULL_DEREF_LINE.search(log):
         pytest.xfail(f"known kernel bug (rule bug_remount_inode_share): inode_share turned on by a remount "
                      f"without a domain oopses on the next lookup; console {console}\n{summary}")
     if re.search(r"RESULT remount exit 0: \S*\binode_share\b", log):
