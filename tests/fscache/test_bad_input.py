@@ -26,17 +26,17 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.erofs_format import S_IFMT, S_IFREG, ErofsMeta
-from fixtures.mounts import FS_IOC_GETFSSYSFSPATH, MountError, sysfs_name
-from fixtures.observe.cachedir import CacheDirListing, predict_path
-from fixtures.plugin import unique
-from tests.fscache.helpers_faults import (
+from erofs_domains.base.names import unique
+from erofs_domains.guest.erofs_format import S_IFMT, S_IFREG, ErofsMeta
+from erofs_domains.guest.fscache.faults import (
     Row,
     errname,
     errnames,
     mkfs_tree,
     readable,
 )
+from erofs_domains.guest.mounts import FS_IOC_GETFSSYSFSPATH, MountError, sysfs_name
+from erofs_domains.guest.observe.cachedir import CacheDirListing, predict_path
 
 SHARED_DAEMON_ARGS: list[str] = []
 SHARED_CACHE_MIB = 64
@@ -66,7 +66,7 @@ class OptionCase:
     errno: int | tuple[int, ...] = 0  # 0: the mount works
     log: str | None = None  # regex the kernel log must show
     check: str = ""  # for working mounts: sysfs-bang | sysfs-null | cachefile
-    rule: str = "fscache_backend"  # fixtures/kernel.py RULES: where this case applies
+    rule: str = "fscache_backend"  # erofs_domains/guest/kernel_features.py RULES: where this case applies
 
     def expected(self) -> str:
         if self.errno:
@@ -283,7 +283,7 @@ class CorruptCase:
     ops: tuple[Op, ...] = ()
     log: str | None = None
     seal: bool = True  # recompute the superblock checksum after the mutation
-    rule: str = "fscache_backend"  # fixtures/kernel.py RULES: where this case applies
+    rule: str = "fscache_backend"  # erofs_domains/guest/kernel_features.py RULES: where this case applies
 
     def expected(self) -> str:
         if self.mount_errno:

@@ -25,11 +25,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from fixtures.cache import wait_withdrawn
-from fixtures.mounts import MountError
-from fixtures.observe import procfs
-from fixtures.plugin import unique
-from tests.fscache.helpers_faults import (
+from erofs_domains.base.names import unique
+from erofs_domains.guest.fscache.cache import wait_withdrawn
+from erofs_domains.guest.fscache.faults import (
     Reader,
     Row,
     errname,
@@ -38,6 +36,8 @@ from tests.fscache.helpers_faults import (
     table,
     wait_for,
 )
+from erofs_domains.guest.mounts import MountError
+from erofs_domains.guest.observe import procfs
 
 FILL = ("--fill-granularity", "4096")  # exact READs: data stays uncached until read
 DEATH_BOUND = 15.0  # seconds from the death to the blocked callers' return (TCG is slow)
@@ -58,7 +58,7 @@ class DeathCase:
     how: str  # sigkill | sigterm | exit
     expected: tuple[int, ...]  # errnos of the blocked callers
     restart: bool = False  # then: a new daemon without restore, the old mount, a remount
-    rule: str = "fscache_backend"  # fixtures/kernel.py RULES: where this case applies
+    rule: str = "fscache_backend"  # erofs_domains/guest/kernel_features.py RULES: where this case applies
 
     def text(self) -> str:
         who = "blocked readers get" if self.inflight == "read" else "the blocked mount gets"
@@ -203,7 +203,7 @@ def _read_errno(path, offset: int = 0) -> int:
 # looked up again: B's data reads of X fail, as do A's uncached reads, and the new daemon never
 # sees an OPEN for X. Once every member is unmounted the domain is torn down and a fresh mount of
 # B works end to end. The errno of the failing reads is rule restart_member_reads_fail's
-# (fixtures/kernel.py).
+# (erofs_domains/guest/kernel_features.py).
 
 
 def domain_restart_expected(features) -> dict[str, str]:

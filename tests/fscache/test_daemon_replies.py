@@ -20,10 +20,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from fixtures.kernel import detect
-from fixtures.mounts import MountError
-from fixtures.observe.cachedir import CacheDirListing, predict_path
-from tests.fscache.helpers_faults import (
+from erofs_domains.guest.fscache.faults import (
     Reader,
     Row,
     errname,
@@ -32,6 +29,9 @@ from tests.fscache.helpers_faults import (
     stat_delta,
     wait_for,
 )
+from erofs_domains.guest.kernel_features import detect
+from erofs_domains.guest.mounts import MountError
+from erofs_domains.guest.observe.cachedir import CacheDirListing, predict_path
 
 SHARED_DAEMON_ARGS = ["--fill-granularity", "4096"]
 SHARED_CACHE_MIB = 64
@@ -52,7 +52,7 @@ class CopenCase:
     writes: tuple[int, ...] | None = (0,)  # errnos of the daemon's write()s for the OPEN; None: no OPEN
     object_size: str | int | None = None  # xattr object_size after umount ("blob" = the blob's size)
     retry: bool = False  # after the failure, the same fsid mounts fine
-    rule: str = "fscache_backend"  # fixtures/kernel.py RULES: where this case applies
+    rule: str = "fscache_backend"  # erofs_domains/guest/kernel_features.py RULES: where this case applies
 
     def expected(self) -> str:
         w = "" if self.writes is None else "write(copen) " + " then ".join(errname(e) for e in self.writes) + "; "
@@ -250,7 +250,7 @@ class IoCase:
     what: str
     run: Callable[[IoCtx], dict]
     expected: dict  # description -> errno (0 = success)
-    rule: str = "fscache_backend"  # fixtures/kernel.py RULES: where this case applies
+    rule: str = "fscache_backend"  # erofs_domains/guest/kernel_features.py RULES: where this case applies
     varies: str = ""  # a rule: `expected` where it holds, `otherwise` elsewhere
     otherwise: dict | None = None
 

@@ -18,16 +18,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fixtures.mounts import MS_RDONLY, build_options, sys_mount, umount_when_idle
-from fixtures.paths import work_root
-from fixtures.plugin import unique
-from fixtures.race import Attempts, Span, Timeline, overlaps
-from tests.fscache.helpers_faults import (
+from erofs_domains.base.names import unique
+from erofs_domains.base.scratch import work_root
+from erofs_domains.guest.fscache.faults import (
     Reader,
     Row,
     errname,
     table,
 )
+from erofs_domains.guest.mounts import MS_RDONLY, build_options, sys_mount, umount_when_idle
+from erofs_domains.guest.race import Attempts, Span, Timeline, overlaps
 
 SHARED_DAEMON_ARGS: list[str] = []
 SHARED_CACHE_MIB = 64
@@ -48,7 +48,7 @@ FILES = ("/links/hard-a", "/small/s003-1000.dat", "/large/large-0.bin")
 
 def fscache_tables() -> str:
     """/proc/fs/fscache volumes and cookies of erofs, for failure messages."""
-    from fixtures.observe.snapshot import FscacheSnapshot
+    from erofs_domains.guest.observe.snapshot import FscacheSnapshot
 
     return FscacheSnapshot.take().erofs().render()
 

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
-from fixtures.ondemand.client import DaemonControl
-from fixtures.ondemand.daemon import OnDemandDaemon
+from erofs_domains.base import config
+from erofs_domains.programs.ondemand.client import DaemonControl
+from erofs_domains.programs.ondemand.daemon import OnDemandDaemon
 from tests.unit.fake_device import PAGE, FakeKernel, Harness
 
 # Property tests of pure functions: no per-example deadline and no too_slow health check (a
@@ -24,6 +25,15 @@ from tests.unit.fake_device import PAGE, FakeKernel, Harness
 settings.register_profile("unit", deadline=None, suppress_health_check=[HealthCheck.too_slow],
                           derandomize=bool(os.environ.get("CI")))
 settings.load_profile("unit")
+
+
+@pytest.fixture(autouse=True)
+def fresh_run_config():
+    """Each test reads the run configuration from the environment as it (monkeypatch) left it:
+    a setting is resolved once per process, and a unit test stands for a fresh process."""
+    config.forget()
+    yield
+    config.forget()
 
 
 @pytest.fixture

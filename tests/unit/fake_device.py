@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.ondemand import protocol as P
-from fixtures.ondemand.client import DaemonControl
-from fixtures.ondemand.daemon import OnDemandDaemon
-from fixtures.ondemand.reqlog import read_request_log
+from erofs_domains.programs.ondemand import protocol as P
+from erofs_domains.programs.ondemand.client import DaemonControl
+from erofs_domains.programs.ondemand.daemon import OnDemandDaemon
+from erofs_domains.programs.ondemand.reqlog import read_request_log
 
 REPO = Path(__file__).resolve().parents[2]
 DAEMON = REPO / "tools" / "ondemand-daemon"

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.process_utils import cmd
+from erofs_domains.base.proc import cmd
+from erofs_domains.host import deps
+from erofs_domains.host import kernel_build as kernel
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tools"))
-
-from vmtest import deps, kernel  # noqa: E402
 
 
 def fragment_lines(name="ondemand.config"):

@@ -15,17 +15,17 @@ import time
 
 import pytest
 
-from fixtures.ondemand import holder
-from fixtures.ondemand import protocol as P
-from fixtures.ondemand.client import (
+from erofs_domains.base.proc import cmd, wait_for
+from erofs_domains.programs.ondemand import holder
+from erofs_domains.programs.ondemand import protocol as P
+from erofs_domains.programs.ondemand.client import (
     DaemonControl,
     DaemonControlError,
     DaemonDeadError,
     DaemonStartError,
     wait_ready,
 )
-from fixtures.ondemand.reqlog import read_request_log
-from fixtures.process_utils import cmd, wait_for
+from erofs_domains.programs.ondemand.reqlog import read_request_log
 from tests.unit.fake_device import (
     DAEMON,
     PAGE,
@@ -479,7 +479,7 @@ def test_cli_reports_bind_errors(tmp_path):
 
 def test_failover_through_the_holder(tmp_path, sockdir, blobs):
     hold = str(sockdir / "hold")
-    holder_proc = _spawn(["-m", "fixtures.ondemand.holder", "--socket", hold])
+    holder_proc = _spawn(["-m", "erofs_domains.programs.ondemand.holder", "--socket", hold])
     kernel = FakeKernel()
     try:
         wait_ready(holder_proc, timeout=20)

@@ -10,7 +10,7 @@ import resource
 
 import pytest
 
-from fixtures.ondemand import faults
+from erofs_domains.programs.ondemand import faults
 from tests.unit.fake_device import PAGE, anon_closed, file_anon, pipe_anon
 
 

@@ -1,5 +1,5 @@
 """The on-demand daemon's HTTP blob backend against a fake /dev/cachefiles (see
-test_daemon_fake.py) and a real blob server on loopback (fixtures/blobserver/).
+test_daemon_fake.py) and a real blob server on loopback (erofs_domains/programs/blobserver/).
 
 What it promises: OPEN asks the server for the size (HEAD), a READ fetches the missing
 range rounded up to --fetch-granularity but never past the blob, nothing is cached by the
@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.blobserver.blobs import publish
-from fixtures.blobserver.client import BlobServerClient
-from fixtures.blobserver.server import BlobServer
-from fixtures.ondemand.__main__ import build_parser
-from fixtures.ondemand.client import DaemonControlError
-from fixtures.process_utils import cmd
+from erofs_domains.base.proc import cmd
+from erofs_domains.programs.blobserver.blobs import publish
+from erofs_domains.programs.blobserver.client import BlobServerClient
+from erofs_domains.programs.blobserver.server import BlobServer
+from erofs_domains.programs.ondemand.__main__ import build_parser
+from erofs_domains.programs.ondemand.client import DaemonControlError
 from tests.unit.fake_device import DAEMON, PAGE, anon_closed, file_anon, pipe_anon
 
 BIG = 300_000          # not a page multiple: the last page is partial
@@ -248,7 +248,7 @@ def test_add_http_blob_at_runtime_and_validation(hh, registry):
 
 
 def test_constructor_checks_fetch_options(tmp_path):
-    from fixtures.ondemand.daemon import OnDemandDaemon
+    from erofs_domains.programs.ondemand.daemon import OnDemandDaemon
 
     with pytest.raises(ValueError, match="fetch_granularity"):
         OnDemandDaemon(str(tmp_path), fetch_granularity=1000)
@@ -285,8 +285,8 @@ def test_fetches_across_a_veth_and_a_link_cut_times_out(start, tmp_path):
     """What tests/fscache/test_lazy_pull.py builds, minus the kernel: the server inside a
     network namespace, the daemon fetching over the veth; with the far end down a READ is
     completed without data after --fetch-timeout, and the daemon serves again once it is up."""
-    from fixtures import netns
-    from fixtures.blobserver.process import BlobServerProcess
+    from erofs_domains.programs import netns
+    from erofs_domains.programs.blobserver.process import BlobServerProcess
 
     if os.geteuid() != 0:
         pytest.skip("needs root (network namespaces, veth)")

@@ -1,5 +1,5 @@
 """The pieces the daemon was split into, each on its own: the fault table, the request log's
-window, held READs answered through the one READ path, and `end_test` (fixtures/daemons.py)
+window, held READs answered through the one READ path, and `end_test` (erofs_domains/guest/fscache/daemons.py)
 on a daemon running against the fake device (tests/unit/fake_device.py)."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from fixtures.daemons import DaemonWindow, end_test
-from fixtures.ondemand import faults
-from fixtures.ondemand.protocol import copen
-from fixtures.ondemand.reqlog import RequestWindow, read_request_log
+from erofs_domains.guest.fscache.daemons import DaemonWindow, end_test
+from erofs_domains.programs.ondemand import faults
+from erofs_domains.programs.ondemand.protocol import copen
+from erofs_domains.programs.ondemand.reqlog import RequestWindow, read_request_log
 from tests.unit.fake_device import PAGE, file_anon, pipe_anon
 
 # --------------------------------------------------------------------------- the fault table

@@ -18,13 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from fixtures import erofs_tools, kernel
-from fixtures.images import ImageFactory
+from erofs_domains.base import erofs_tools
+from erofs_domains.base.cache_dir import cache_root
+from erofs_domains.guest import kernel_features as kernel
+from erofs_domains.guest.images import ImageFactory
+from erofs_domains.host import erofs_utils_build as erofs_utils
+from erofs_domains.host import variants
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tools"))
-from vmtest import erofs_utils, variants  # noqa: E402
-from vmtest.paths import cache_root  # noqa: E402
 
 PLUG = REPO / "tools" / "plug-into-erofs-utils"
 SUITE_DIR = "shared-domain"
