@@ -37,7 +37,7 @@ from erofs_domains.base.proc import CmdError, cmd  # sys.path: tools/vmtest/__in
 from erofs_domains.host import deps
 from erofs_domains.host import kernel_build as kernel
 
-VERSIONS = ("6.1", "6.12", "7.2")
+VERSIONS = tuple(kernel.KERNELS)
 
 
 @dataclass
@@ -51,7 +51,7 @@ class Side:
     patches: list[Path] = field(default_factory=list)
 
     def describe(self) -> str:
-        version = self.version or getattr(kernel, "DEFAULT_KERNEL_VERSION", "6.12")
+        version = self.version or kernel.DEFAULT_KERNEL_VERSION
         base = str(self.image or self.tree or f"Debian's linux-source-{version}")
         return base + "".join(f" + {p.name}" for p in self.patches)
 
@@ -335,23 +335,14 @@ class Farm:
 def debian_tree(version: str | None) -> Path:
     """Debian's unpacked tree of a kernel series, resolved once per run (the private apt
     list's update and download check took 52 s here even with everything cached)."""
-    log = kernel.KernelBuild.log
-    if hasattr(kernel, "choose_series"):  # --kernel-version support (tools/build-kernel)
-        series = kernel.choose_series(version, None)
-        return kernel.fetch_debian_source(series.package, series.suites, log=log)
-    if version not in (None, "6.12"):
-        raise deps.ToolError(f"kernel version {version} needs tools/build-kernel --kernel-version "
-                             f"(not in this checkout yet)")
-    return kernel.fetch_debian_source(log=log)
+    series = kernel.choose_series(version, None)
+    return kernel.fetch_debian_source(series.package, series.suites, log=kernel.KernelBuild.log)
 
 
 def base_build(side: Side, profile: str = "default"):
     """(tree, KernelBuild) of a side's base: its tree, or Debian's tree of its series."""
     tree = side.tree or debian_tree(side.version)
-    if hasattr(kernel, "build_for"):  # the series' fragments, by the tree's version
-        b = kernel.build_for(kernel.choose_series(side.version, tree), tree, profile)
-    else:
-        b = kernel.KernelBuild(src=tree, options=kernel.load_fragments(profile, []), profile=profile)
+    b = kernel.build_for(kernel.choose_series(side.version, tree), tree, profile)  # the series' fragments
     b.pristine = side.tree is None  # an unpacked Debian package: its stamp is trusted
     return tree, b
 

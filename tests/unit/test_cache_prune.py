@@ -1,7 +1,5 @@
-"""erofs_domains/host/cachegc.py and tools/cache: the cache root stays bounded.
-
-Before: nothing pruned ~/.cache/erofs-fscache-tests (a launch script per boot, every
-kernel, build directory and image ever built)."""
+"""erofs_domains/host/cachegc.py and tools/cache: the cache root stays bounded (launch
+scripts, kernels, build directories and images are pruned, the recent ones kept)."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ tools/plug-into-erofs-utils, the tree built as erofs-utils builds itself, its ma
 mkfs (same version string, different output) and a wrapper mkfs.
 
 The bundle is $EROFS_TEST_UPSTREAM_BUNDLE, else ../shared/upstream/erofs-utils.bundle next to
-this repository, else /work/shared/upstream/erofs-utils.bundle; without it these tests skip
+this repository; without it these tests skip
 (fail under CI).  Built trees are kept in <cache>/erofs-utils-trees/<branch> and reused: the
 first run builds two trees (about a minute each on 2 cores), later runs take seconds.
 """
@@ -33,8 +33,7 @@ HARNESS_BRANCH = "experimental-tests-fscache"
 
 
 def _bundle() -> Path | None:
-    for cand in (os.environ.get("EROFS_TEST_UPSTREAM_BUNDLE"), REPO.parent / "shared/upstream/erofs-utils.bundle",
-                 "/work/shared/upstream/erofs-utils.bundle"):
+    for cand in (os.environ.get("EROFS_TEST_UPSTREAM_BUNDLE"), REPO.parent / "shared/upstream/erofs-utils.bundle"):
         if cand and Path(cand).is_file():
             return Path(cand)
     return None

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from erofs_domains.base import erofs_tools
 from erofs_domains.base.erofs_tools import Tools
 from erofs_domains.base.proc import cmd
 from erofs_domains.guest import images, manifest
@@ -326,13 +327,20 @@ def test_extracted_content_matches_manifest(built, fsck, layout, tmp_path):
 
 @pytest.mark.parametrize("bug,layout", [("empty xattr value", "single"), ("trailing hole", "blobdev")])
 def test_known_fsck_extract_bugs(built, fsck, tmp_path, bug, layout):
-    """Passes once fsck.erofs extracts these correctly; xfails while the bug is there."""
+    """xfails while the known bug is there (erofs_tools.KNOWN_TOOL_BUGS); fails once a release
+    the table says has it extracts correctly (the table must then name the fixing release), and
+    when a release after the fix shows it again."""
     img = built[layout]
     run_fsck(fsck, img, extract=tmp_path / "x")
     known, _ = _split_known_fsck_bugs(img, tmp_path / "x", img.manifest.verify(tmp_path / "x"))
     hits = [str(m) for kind, m in known if kind == bug]
-    if hits:
-        pytest.xfail(f"fsck.erofs --extract bug ({bug}): {hits[0]}")
+    version = erofs_tools.version(fsck)
+    if erofs_tools.has_known_bug(bug, version):
+        if hits:
+            pytest.xfail(f"fsck.erofs --extract bug ({bug}): {hits[0]}")
+        pytest.fail(f"fsck.erofs {version} extracts correctly what the known bug ({bug}) lost: "
+                    "record the release that fixed it in erofs_tools.KNOWN_TOOL_BUGS", pytrace=False)
+    assert hits == [], f"fsck.erofs {version} has the bug ({bug}) KNOWN_TOOL_BUGS says it fixed"
 
 
 @pytest.mark.parametrize("layout", ["single", "blobdev", "layered1"])
