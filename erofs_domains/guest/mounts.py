@@ -167,18 +167,20 @@ def unmount_all(active: list, umount: Callable[[Any], None]) -> list[str]:
 
 @dataclass
 class MountTable:
-    """Mounts made by one test; `close()` unmounts them last in first out, even after failures."""
+    """Mounts made by one test, of either backend; `close()` unmounts them last in first out,
+    even after failures. Every mount attempt is recorded (observables: options and errno)."""
 
     root: Path
     kmsg: "kmsg_mod.KmsgChecker | None" = None
-    active: list[ErofsMount] = field(default_factory=list)
+    active: list = field(default_factory=list)
     counter: int = 0
 
-    def mount_erofs(self, fsid: str | None, domain_id: str | None = None, devices=(), *,
-                    source: str = "none", **extra) -> ErofsMount:
-        options = build_options(fsid, domain_id, devices, **extra)
+    def attach(self, source: str, options: str, make: Callable[[str, Path], Any]):
+        """mount(2) `source` read-only with `options` at the next mountpoint; `make(name, path)`
+        makes the table's entry. A failure raises MountError with the kernel log lines."""
         self.counter += 1
-        path = self.root / f"m{self.counter}"
+        name = f"m{self.counter}"
+        path = self.root / name
         path.mkdir(parents=True, exist_ok=True)
         mark = self.kmsg.mark() if self.kmsg else -1
         try:
@@ -189,9 +191,15 @@ class MountTable:
             observables.mount_result(options, e.errno)
             raise MountError(e.errno, options, log) from None
         observables.mount_result(options, 0)
-        m = ErofsMount(path, fsid, domain_id, tuple(devices), options)
+        m = make(name, path)
         self.active.append(m)
         return m
+
+    def mount_erofs(self, fsid: str | None, domain_id: str | None = None, devices=(), *,
+                    source: str = "none", **extra) -> ErofsMount:
+        """An fscache-mode mount (`fsid=`, `domain_id=`, `device=`)."""
+        options = build_options(fsid, domain_id, devices, **extra)
+        return self.attach(source, options, lambda _, path: ErofsMount(path, fsid, domain_id, tuple(devices), options))
 
     def remount(self, m: ErofsMount, options: str) -> None:
         sys_mount("none", m.path, "erofs", MS_REMOUNT | MS_RDONLY, options)

@@ -294,6 +294,21 @@ def guest_env(run: config.RunConfig) -> dict[str, str]:
     return env
 
 
+def guest(kernel: Path, command: list[str], *, stem: str, console_log: Path | None = None,
+          state_file: bool = False, interactive: bool = False) -> GuestRun:
+    """A guest on `kernel` running `command` (tools/vm-python's workers, tools/vm-run), with the
+    run configuration handed in whole: the results and cache folders writable, the console in
+    <results>/console/<stem>-*.log, and (`state_file`) the file the guest names its running
+    test in, beside the console log."""
+    run = config.current()
+    run.results.mkdir(parents=True, exist_ok=True)
+    console_log = console_log or timestamped_log(run.results, stem)
+    state = console_log.with_suffix(".state") if state_file else None
+    return GuestRun(kernel=kernel, command=command, interactive=interactive, rwdirs=[cache_root(), run.results],
+                    env=guest_env(run.replace(cache=cache_root(), in_vm=True, kernel=kernel, vm_state=state)),
+                    console_log=console_log, state_file=state)
+
+
 def default_kernel() -> Path | None:
     return config.current().kernel
 

@@ -39,6 +39,7 @@ from erofs_domains.base.layout import REPO
 from erofs_domains.base.proc import terminate, wait_for
 from erofs_domains.base.scratch import work_root
 
+DISCARD_PORT = 9  # nothing listens there: a refusal proves the path works
 NETNS_RUN_DIR = Path("/var/run/netns")          # where iproute2 and pyroute2 keep named namespaces
 SUBNET = ipaddress.ip_network("10.213.0.0/16")  # exists only inside the machine running the tests
 PREFIXLEN = 30
@@ -399,6 +400,26 @@ class VethNamespace:
             with self._ipr(s) as ipr:
                 ipr.link("set", index=self._index(ipr, self._ifname(s)), state="up" if up else "down")
         self._wait_operstate(up)
+        if up:
+            self.wait_carries_traffic()
+
+    def wait_carries_traffic(self, timeout: float = 30.0) -> None:
+        """Until a TCP SYN from this namespace to the far end is answered (accepted, or refused
+        by a closed port): operstate UP is not enough, the neighbour entry the outage left
+        FAILED must be resolved again first, and on a loaded machine that takes a while."""
+        def answered() -> str:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.settimeout(2.0)
+                try:
+                    s.connect((self.ns_addr, DISCARD_PORT))
+                except ConnectionRefusedError:
+                    return "refused"
+                except OSError as e:
+                    return f"no answer ({e.__class__.__name__}: {e})"
+                return "accepted"
+
+        wait_for(answered, what=f"a connection to {self.ns_addr} across the link to be answered",
+                 timeout=timeout, step=0.05, until=lambda v: v in ("accepted", "refused"))
 
     def _wait_operstate(self, up: bool, timeout: float = 10.0) -> None:
         wait_for(self.link_state, what=f"both veth ends {'up' if up else 'down'} (operstate)",

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import pytest
 
 from erofs_domains.base.names import unique
+from erofs_domains.base.proc import wait_for
 from erofs_domains.guest.fscache.cache import wait_withdrawn
 from erofs_domains.guest.fscache.faults import (
     Reader,
@@ -34,7 +35,6 @@ from erofs_domains.guest.fscache.faults import (
     errnames,
     serve,
     table,
-    wait_for,
 )
 from erofs_domains.guest.mounts import MountError
 from erofs_domains.guest.observe import procfs
@@ -114,7 +114,7 @@ def test_daemon_death(case: DeathCase, daemons, plain_mounts, tiny_images, kmsg,
 
         t = threading.Thread(target=mount, daemon=True)
         t.start()
-        wait_for(lambda: d.control.status()["counts"]["OPEN"] >= 1, 30, "the OPEN to reach the daemon")
+        wait_for(lambda: d.control.status()["counts"]["OPEN"] >= 1, timeout=30, what="the OPEN to reach the daemon")
         t0 = time.monotonic()
         _die(d, case.how)
         t.join(DEATH_BOUND + 5)
@@ -141,7 +141,7 @@ def test_daemon_death(case: DeathCase, daemons, plain_mounts, tiny_images, kmsg,
         readers = [Reader(m.path / p.lstrip("/")) for p in HELD_FILES[:n]]
         for r in readers:
             r.start()
-        wait_for(lambda: len(d.control.status()["ignored"]) >= n, 30, f"{n} READs held by the daemon")
+        wait_for(lambda: len(d.control.status()["ignored"]) >= n, timeout=30, what=f"{n} READs held by the daemon")
         time.sleep(0.2)
         assert all(r.is_alive() for r in readers), "a reader returned although its READ is held"
         t0 = time.monotonic()
@@ -291,7 +291,7 @@ def test_failover_restore(require, daemons, plain_mounts, tiny_images, kmsg):
     for r in readers:
         r.start()
     held = wait_for(lambda: d1.control.status()["ignored"] if len(d1.control.status()["ignored"]) >= 3 else None,
-                    30, "3 READs held by the daemon")
+                    timeout=30, what="3 READs held by the daemon")
     d1.kill()
     time.sleep(1.0)
     early = [r.path for r in readers if not r.is_alive()]

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from erofs_domains.base.proc import wait_for
 from erofs_domains.guest.fscache.faults import (
     Reader,
     Row,
@@ -27,7 +28,6 @@ from erofs_domains.guest.fscache.faults import (
     errnames,
     fscache_stats,
     stat_delta,
-    wait_for,
 )
 from erofs_domains.guest.kernel_features import detect
 from erofs_domains.guest.mounts import MountError
@@ -169,7 +169,7 @@ def _held_read(ctx: IoCtx, fsid: str, path) -> tuple[Reader, int]:
     ctx.env.control.fail_read("ignore", cookie=fsid, once=True)
     r = Reader(path)
     r.start()
-    ids = wait_for(lambda: ctx.env.control.status()["ignored"], 30, "the daemon to hold a READ back")
+    ids = wait_for(lambda: ctx.env.control.status()["ignored"], timeout=30, what="the daemon to hold a READ back")
     return r, ids[0]
 
 

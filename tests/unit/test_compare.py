@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from erofs_domains.guest import observables
-from erofs_domains.host import bisect, compare, variants
+from erofs_domains.host import bisection, compare, variants
 from fixtures import record
 
 DATA = Path(__file__).parent / "data" / "compare"
@@ -380,12 +380,12 @@ def test_a_series_that_does_not_apply_names_the_message(farm_env):
 
 # ----------------------------------------------------------------- bisect search
 def run_search(n: int, first_bad: int, skip=()) -> tuple[list[int], list[int]]:
-    s = bisect.Search([f"c{i}" for i in range(n)])
+    s = bisection.Search([f"c{i}" for i in range(n)])
     order = []
     while (i := s.next()) is not None:
         order.append(i)
         verdict = "skip" if i in skip else ("bad" if i >= first_bad else "good")
-        s.steps[i] = bisect.Step(f"c{i}", verdict)
+        s.steps[i] = bisection.Step(f"c{i}", verdict)
     return s.culprits(), order
 
 

@@ -17,7 +17,6 @@ import errno
 import subprocess
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,18 +118,6 @@ class Reader(threading.Thread):
         except OSError as e:
             self.result.errno = e.errno
         self.result.seconds = time.monotonic() - self.started_at
-
-
-
-def wait_for(cond: Callable[[], object], timeout: float, what: str, step: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(step)
 
 
 def fscache_stats() -> dict[str, dict[str, int]]:
