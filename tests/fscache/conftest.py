@@ -1,7 +1,7 @@
 """Every test here runs as root on a kernel with the on-demand features (in a VM).
 
 Fixtures of every test family: the module's shared daemon (`shared_daemon`) and a test's view
-of it (`rig` for the domain tests, `env` for the fault tests; `kernel_trace`, the kernel's trace
+of it (`rig` for the domain tests, `fault_env` for the fault tests; `kernel_trace`, the kernel's trace
 of the requests beside a rig); daemons a test starts itself
 (`daemons`, `plain_mounts`). The pieces are in fixtures/daemons.py.
 """
@@ -54,7 +54,7 @@ def tiny_images(images):
 @pytest.fixture(scope="module")
 def shared_daemon(request, require):
     """One cache and one on-demand daemon for the whole module (erofs_domains/guest/fscache/daemons.py), behind
-    `rig` and `env`. Module attributes: SHARED_DAEMON_ARGS (default: --fill-granularity 4096,
+    `rig` and `fault_env`. Module attributes: SHARED_DAEMON_ARGS (default: --fill-granularity 4096,
     so the daemon writes exactly what a READ asks for and the READs of a blob show which ranges
     the kernel fetched) and SHARED_CACHE_MIB (default 256)."""
     from erofs_domains.guest.fscache.daemons import SharedDaemon, work_dir
@@ -154,7 +154,7 @@ class FaultEnv:
 
 
 @pytest.fixture
-def env(shared_daemon, kmsg, artifacts):
+def fault_env(shared_daemon, kmsg, artifacts):
     with _test_of_shared_daemon(shared_daemon, kmsg, artifacts, "f") as (window, table):
         yield FaultEnv(window, table, kmsg, artifacts)
 
