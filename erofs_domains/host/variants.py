@@ -64,7 +64,8 @@ def is_series(path: Path) -> bool:
         return False
     with open(path, "rb") as f:
         head = f.read(65536)
-    return b"\n--- a/" in head or head.startswith(b"From ") or b"\ndiff --git " in head
+    text = b"\n" + head  # a unified diff may start on its first line
+    return b"\n--- a/" in text or head.startswith(b"From ") or b"\ndiff --git " in text
 
 
 def series_files(path: Path) -> list[Path]:

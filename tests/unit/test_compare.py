@@ -579,3 +579,11 @@ def test_compare_kernels_reruns_differences_and_probes_known_bugs(tmp_path, monk
             "1 confirmed, 1 flaky (1 found flaky earlier and not rerun again)") in md
     assert "| file_backed_mount" in md and "general protection fault" in md
     assert "| ondemand_deprecated" in md
+
+
+def test_a_plain_unified_diff_is_a_series(tmp_path):
+    """`diff -u` output starts with `--- a/...` on its first line: still a patch, never a bzImage."""
+    patch = tmp_path / "break.patch"
+    patch.write_text("--- a/fs/erofs/fscache.c\n+++ b/fs/erofs/fscache.c\n@@ -1 +1 @@\n-x\n+y\n")
+    assert variants.is_series(patch)
+    assert variants.parse_side(str(patch), variants.Side("A", version="6.12"), "B").patches == [patch]
