@@ -441,9 +441,12 @@ def build_for(series: DebianKernel, src: Path | None = None, profile: str = "def
 
 def resolve_kernel(kernel: Path | None = None, src: Path | None = None, profile: str = "default",
                    version: str | None = None) -> Path:
-    """The bzImage to test: the one given, or one built (or reused) from `src` / Debian's tree."""
+    """The bzImage to test: the one given, or one built (or reused) from `src` / Debian's tree.
+    What was given is checked first (validate.py): a wrong file or tree fails before any build."""
+    from . import validate
+
     if kernel is not None:
-        if not Path(kernel).is_file():
-            raise deps.ToolError(f"--kernel {kernel} does not exist")
-        return Path(kernel).resolve()
+        return validate.check_bzimage(kernel, "--kernel")
+    if src is not None:
+        src = validate.check_kernel_tree(src, "--kernel-src")
     return build_for(choose_series(version, src), src, profile).build()
