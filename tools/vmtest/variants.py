@@ -34,7 +34,7 @@ from pathlib import Path
 
 from fixtures.process_utils import CmdError, cmd  # sys.path: tools/vmtest/__init__.py
 
-from . import deps, kernel
+from . import deps, kernel, validate
 from .paths import cache_root
 
 VERSIONS = ("6.1", "6.12", "7.2")
@@ -92,7 +92,7 @@ def parse_side(spec: str, other: Side | None = None, label: str = "A") -> Side:
     if head.is_file() and not is_series(head):
         if rest:
             raise deps.ToolError(f"{label}: a bzImage ({head}) cannot take patches")
-        return Side(label, image=head.resolve())
+        return Side(label, image=validate.check_bzimage(head, f"{label}:"))
     if kernel.is_kernel_tree(head):
         return Side(label, tree=head.resolve(), patches=rest)
     if is_series(head):
