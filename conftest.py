@@ -185,6 +185,12 @@ def select_leg(config):
         pytest.exit(legs.nothing_selected(leg, named), returncode=pytest.ExitCode.OK)
 
 
+def collect_only(config) -> bool:
+    """`pytest --collect-only` names the tests and nothing else: no kernel or erofs-utils is
+    resolved, built or booted for it (tools/bisect checks a test id this way)."""
+    return bool(config.getoption("collectonly", False))
+
+
 def pytest_configure(config):
     select_leg(config)
     results = config.getoption("results") or Path(os.environ.get("EROFS_TEST_RESULTS") or REPO / "results")
@@ -195,7 +201,7 @@ def pytest_configure(config):
 
         mode = "vm" if vm_mode(config) else "host" if config.getoption("host_mode") else "controller"
         os.environ[reproduce.ENV] = shlex.join(reproduce.config_prefix(config, mode))
-        if vm_mode(config):
+        if vm_mode(config) and not collect_only(config):
             prune_cache()
             if config.getoption("maxworkerrestart", None) is None:
                 # xdist restarts crashed --tx workers without limit (with -n: 4 per worker);
@@ -206,7 +212,7 @@ def pytest_configure(config):
                 config.option.maxworkerrestart = str(restarts)
     if strict_mode(config):
         os.environ["EROFS_TEST_STRICT"] = "1"
-    if is_worker(config) or in_vm():
+    if is_worker(config) or in_vm() or collect_only(config):
         return
     if config.getoption("host_mode"):
         from vmtest import deps
@@ -287,16 +293,19 @@ def pytest_sessionfinish(session, exitstatus):
 def pytest_collection_finish(session):
     """Host mode needs an explicit opt-in: it binds cachefiles and mounts on this machine."""
     config = session.config
-    if is_worker(config) or in_vm():
+    if is_worker(config) or in_vm() or collect_only(config):
         return
     suites = {s for s in legs.LEGS["vm"] for item in session.items if s in item.nodeid}
     if not suites:
         return
     if not config.getoption("host_mode"):
+        paths = sorted(suites)
+        mkfs = ["--mkfs", config.getoption("mkfs")] if config.getoption("mkfs") else []
+        tox = shlex.join(["tox", "-e", "vm", "--", *mkfs, *paths])
+        vm = shlex.join(["pytest", "--dist", "load", "--tx", "2*popen//python=tools/vm-python", *mkfs, *paths])
         pytest.exit(
-            f"{' and '.join(sorted(suites))} need(s) a kernel with EROFS on-demand (fscache) or page-cache "
-            "sharing support. Run it in VMs "
-            "(`tox -e vm`, or `pytest --dist load --tx 2*popen//python=tools/vm-python tests/pagecache`), "
+            f"{' and '.join(paths)} need{'s' if len(paths) == 1 else ''} a kernel with EROFS on-demand (fscache) "
+            f"or page-cache sharing support. Run {'it' if len(paths) == 1 else 'them'} in VMs (`{tox}`, or `{vm}`), "
             "or on a disposable root machine whose kernel has the features with --host-mode.",
             returncode=4,
         )
