@@ -295,7 +295,7 @@ def pytest_collection_finish(session):
     config = session.config
     if is_worker(config) or in_vm() or collect_only(config):
         return
-    suites = {s for s in legs.LEGS["vm"] for item in session.items if s in item.nodeid}
+    suites = {s for s in legs.LEGS["vm"] for item in session.items if item.nodeid.startswith(s + "/")}
     if not suites:
         return
     if not config.getoption("host_mode"):
