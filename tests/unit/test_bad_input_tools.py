@@ -192,8 +192,14 @@ def test_bzimage_check_reads_the_boot_header(tmp_path):
     (["{S}/fakebz", "{S}/fakebz", "--profile", "bogus"], "argument --profile: invalid choice: 'bogus'", None),
     (["{S}/fakebz", "{S}/fakebz", "--lock", "{S}/no/dir/lock"], "the directory {S}/no/dir does not exist", None),
     (["{S}/fakebz", "{S}/fakebz", "--out", "{S}/file.txt"], "--out {S}/file.txt is a file", None),
+    (["{S}/fakebz", "{S}/fakebz"], "$EROFS_TEST_SEED: 'one' is not a whole number", {"EROFS_TEST_SEED": "one"}),
+    (["{S}/fakebz", "{S}/fakebz"], "$EROFS_TEST_ACCEL: 'TCG' is not one of tcg, kvm", {"EROFS_TEST_ACCEL": "TCG"}),
+    (["{S}/fakebz", "{S}/unclean"], "kernel tree {S}/unclean holds an in-tree build (.config)", None),
 ], ids=ident)
 def test_compare_kernels_refuses(scratch, args, says, env):
+    shutil.copytree(scratch.root / "faketree", scratch.root / "unclean")
+    (scratch.root / "unclean" / ".config").write_text("CONFIG_EROFS_FS=y\n")  # `make O=` would refuse it after A
+    scratch.before = tree(scratch.root)
     refused(scratch, tool("compare-kernels") + args, says, env)
 
 
@@ -211,11 +217,13 @@ def test_compare_kernels_report_only_needs_results(scratch):
 
 @pytest.fixture
 def gitrepo(scratch):
-    """A kernel-less repository with two commits (a refusal must come before any build)."""
+    """A repository of a fake kernel tree (`make` fails in it at once) with two commits."""
     repo = scratch.root / "repo"
-    repo.mkdir()
+    shutil.copytree(scratch.root / "faketree", repo)
     git = ["git", "-C", str(repo), "-c", "user.email=t@t", "-c", "user.name=t"]
     subprocess.run(git[:3] + ["init", "-q"], check=True)
+    (repo / "fs" / "erofs" / "super.c").write_text("int s;\n")
+    subprocess.run(git[:3] + ["add", "-A"], check=True)
     for n in ("one", "two"):
         subprocess.run(git + ["commit", "-q", "--allow-empty", "-m", n], check=True)
     scratch.before = tree(scratch.root)
@@ -233,6 +241,7 @@ ONE_TEST = "tests/fscache/test_domains.py::test_shared_domain_fetches_base_once"
     ([ONE_TEST + "[2]", "--good", "nope"], "--good nope is not a commit of"),
     ([ONE_TEST + "[2]", "--src", "{S}/empty"], "--src {S}/empty is not a git work tree"),
     ([ONE_TEST + "[2]", "--src", "{S}/nosuch"], "--src {S}/nosuch does not exist"),
+    ([ONE_TEST + "[2]", "--src", "{S}/faketree/fs"], "--src {S}/faketree/fs is not a git work tree"),
     ([ONE_TEST + "[2]", "--seed-from", "{S}/empty"], "--seed-from {S}/empty is not a Linux kernel tree"),
     ([ONE_TEST + "[2]", "--profile", "bogus"], "argument --profile: invalid choice"),
     ([ONE_TEST + "[2]", "--out", "{S}/file.txt"], "--out {S}/file.txt is a file"),
@@ -446,6 +455,8 @@ def test_ondemand_daemon_refuses(scratch, args, says):
     (["--kernel", "{S}/fakebz", "--console-log", "{S}/no/x.log", "--", "true"], "the directory {S}/no does not",
      None),
     (["--kernel", "{S}/fakebz"], "give a command after --, or --shell", None),
+    (["--kernel", "{S}/fakebz", "--", "true"], "$EROFS_TEST_VM_LIFETIME: '4h' is not a number",
+     {"EROFS_TEST_VM_LIFETIME": "4h"}),
 ], ids=ident)
 def test_vm_run_refuses(scratch, args, says, env):
     refused(scratch, tool("vm-run") + args, says, env)
@@ -501,6 +512,9 @@ FSCACHE = "tests/fscache/test_domains.py"
      None),
     (VM + [FSCACHE], "ERROR: $EROFS_TEST_KERNEL {S}/nosuch does not exist", {"EROFS_TEST_KERNEL": "{S}/nosuch"}),
     (VM + ["--kernel-src", "{S}/empty", FSCACHE], "ERROR: --kernel-src {S}/empty is not a Linux kernel tree", None),
+    # --kernel-src on the command line beats $EROFS_TEST_KERNEL (which used to win without a word)
+    (VM + ["--kernel-src", "{S}/empty", FSCACHE], "ERROR: --kernel-src {S}/empty is not a Linux kernel tree",
+     {"EROFS_TEST_KERNEL": "{S}/fakebz"}),
     (VM + ["--kernel", "{S}/fakebz", "--kernel-src", "{S}/faketree", FSCACHE], "give one", None),
     (VM + ["--kernel", "{S}/fakebz", "--kernel-version", "6.1", FSCACHE], "give one", None),
     (VM + [FSCACHE], "$EROFS_TEST_KERNEL_VERSION 9.9 is not a series", {"EROFS_TEST_KERNEL_VERSION": "9.9"}),
@@ -511,6 +525,7 @@ FSCACHE = "tests/fscache/test_domains.py"
     (["--kernel", "{S}/fakebz", FSCACHE], "is used by VM runs only and this run boots no kernel", None),
     (["--kernel-version", "6.1", "tests/unit/test_kmsg.py"], "--kernel-version 6.1 is used by VM runs only", None),
     (["--host-mode", "--kernel", "{S}/fakebz", FSCACHE], "has no effect with --host-mode", None),
+    (VM + ["--kernel", "{S}/fakebz", FSCACHE], "$EROFS_TEST_SEED: -1 is too small", {"EROFS_TEST_SEED": "-1"}),
 ], ids=ident)
 def test_pytest_options_refused_before_anything(scratch, args, says, env):
     """conftest.py would prune the cache, resolve erofs-utils, build images and boot before qemu

@@ -181,6 +181,38 @@ def env_value(name: str, default: str, parse) -> str:
     return text
 
 
+def _choice(*values: str):
+    def parse(text: str) -> str:
+        if text not in values:
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(values)}")
+        return text
+
+    return parse
+
+
+def _seconds_or_none(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or less: no bound)") from None
+
+
+# The environment a VM run reads (README "Environment"): a typo there is as bad as one on the
+# command line, and it surfaces late (a seed at the image build, an accelerator after the probe).
+ENVIRONMENT = {
+    "EROFS_TEST_SEED": int_at_least(0, "a whole number"),
+    "EROFS_TEST_ACCEL": _choice("tcg", "kvm"),
+    "EROFS_TEST_VM_LIFETIME": _seconds_or_none,
+}
+
+
+def check_environment() -> None:
+    """Each of ENVIRONMENT that is set (and not empty) parses; raises BadInput naming the variable."""
+    for name, parse in ENVIRONMENT.items():
+        if os.environ.get(name):
+            env_value(name, "", parse)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports a bad command line on one line (the usage is behind --help)."""
 
