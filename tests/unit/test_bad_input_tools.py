@@ -183,6 +183,7 @@ def test_bzimage_check_reads_the_boot_header(tmp_path):
     (["--report-only"], "argument --report-only: expected one argument", None),
     (["--report-only", "{S}/no/such/compare"], "--report-only {S}/no/such/compare does not exist", None),
     (["--report-only", "{S}/empty"], "holds no comparison's runs", None),
+    (["--report-only", ""], "argument --report-only: an empty path", None),
     (["{S}/notbz", "6.12"], "A: {S}/notbz is not a bzImage: no x86 boot header", None),
     (["{S}/nosuch", "6.12"], "A: {S}/nosuch does not exist", None),
     (["{S}/fakebz", "{S}/fakebz", "--vms", "0"], "argument --vms: 0 is too small", None),
@@ -269,6 +270,7 @@ def test_bisect_refuses_before_building(scratch, gitrepo, args, says):
      None),
     (["--src", "{S}/faketree", "--kernel-version", "9.9"], "argument --kernel-version: invalid choice", None),
     (["--src", "{S}/faketree", "--profile", "fast"], "argument --profile: invalid choice", None),
+    (["--src", "", "--print-builddir"], "argument --src: an empty path", None),
     (["--src", "{S}/faketree", "--print-builddir"], "unknown kernel version '9.9'",
      {"EROFS_TEST_KERNEL_VERSION": "9.9"}),
 ], ids=ident)
@@ -288,6 +290,8 @@ def test_build_kernel_refuses(scratch, args, says, env):
     (["--src", "{S}/fakeutils", "--refresh"], "--refresh applies to Debian's source package"),
     (["--debian-version", "1.8 10", "--mirror", "file:///nonexistent-mirror"], "is not a Debian version"),
     (["--mirror", "deb.debian.org"], "--mirror 'deb.debian.org' is not a mirror URI"),
+    (["--src", ""], "argument --src: an empty path"),  # was: Debian's erofs-utils, fetched and built
+    (["--mirror", "", "--src", "{S}/fakeutils"], "argument --mirror: an empty value"),
 ], ids=ident)
 def test_build_erofs_utils_refuses(scratch, args, says):
     refused(scratch, tool("build-erofs-utils") + args, says)
@@ -445,6 +449,7 @@ def test_ondemand_daemon_refuses(scratch, args, says):
 @pytest.mark.parametrize("args, says, env", [
     (["--kernel", "{S}/notbz", "--", "true"], "--kernel {S}/notbz is not a bzImage: no x86 boot header", None),
     (["--kernel", "{S}/short", "--", "true"], "shorter than the x86 boot header", None),
+    (["--kernel", "", "--", "true"], "argument --kernel: an empty path", None),
     (["--kernel", "{S}/nosuch", "--", "true"], "--kernel {S}/nosuch does not exist", None),
     (["--kernel", "{S}/empty", "--", "true"], "--kernel {S}/empty is a directory", None),
     (["--", "true"], "$EROFS_TEST_KERNEL {S}/notbz is not a bzImage", {"EROFS_TEST_KERNEL": "{S}/notbz"}),

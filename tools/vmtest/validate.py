@@ -160,6 +160,20 @@ def int_at_least(minimum: int, what: str = "a whole number"):
     return parse
 
 
+def path(text: str) -> Path:
+    """An argparse type for paths: an empty one (`--src ""`, an unset variable) is refused, not
+    taken as the current directory (or, where the option is optional, as "not given")."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; give a path")
+    return Path(text).expanduser()
+
+
+def nonempty(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty value; give one, or leave the option out for the default")
+    return text
+
+
 def positive_float(text: str) -> float:
     try:
         value = float(text)
