@@ -196,6 +196,10 @@ def test_bzimage_check_reads_the_boot_header(tmp_path):
     (["{S}/fakebz", "{S}/fakebz"], "$EROFS_TEST_SEED: 'one' is not a whole number", {"EROFS_TEST_SEED": "one"}),
     (["{S}/fakebz", "{S}/fakebz"], "$EROFS_TEST_ACCEL: 'TCG' is not one of tcg, kvm", {"EROFS_TEST_ACCEL": "TCG"}),
     (["{S}/fakebz", "{S}/unclean"], "kernel tree {S}/unclean holds an in-tree build (.config)", None),
+    (["{S}/fakebz", "{S}/fakebz", "--", "-k", "nothing_matches"], "the pytest arguments -k nothing_matches select "
+     "no test (no tests collected", None),
+    (["{S}/fakebz", "{S}/fakebz", "--", "tests/fscache/test_nosuch.py"], "select no test (ERROR: file or directory "
+     "not found: tests/fscache/test_nosuch.py)", None),
 ], ids=ident)
 def test_compare_kernels_refuses(scratch, args, says, env):
     shutil.copytree(scratch.root / "faketree", scratch.root / "unclean")
