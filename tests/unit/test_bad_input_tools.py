@@ -361,6 +361,23 @@ def test_outcome_table_answers_from_the_system_python(scratch):
     assert o.rc == 0 or (o.rc == 2 and "tools/tox -e unit --notest" in o.err and len(o.lines()) == 1), o.err
 
 
+def test_outcome_table_without_any_venv_says_how_to_get_one(scratch):
+    """A checkout without tox's venvs, run by a Python without the tests' packages: one line."""
+    python = shutil.which("python3", path="/usr/bin:/bin")
+    probe = subprocess.run([python or "false", "-c", "import pytest, tabulate, hypothesis"], capture_output=True)
+    if python is None or probe.returncode == 0:
+        pytest.skip("no system python3 without the tests' packages")
+    copy = scratch.root / "checkout"
+    (copy / "tools" / "vmtest").mkdir(parents=True)
+    shutil.copy2(TOOLS / "outcome-table", copy / "tools")
+    for name in ("__init__.py", "deps.py", "validate.py"):
+        shutil.copy2(TOOLS / "vmtest" / name, copy / "tools" / "vmtest")
+    scratch.before = tree(scratch.root)
+    o = refused(scratch, [python, str(copy / "tools" / "outcome-table")], "create tox's environment first "
+                "(`tools/tox -e unit --notest`)", {"PYTHONDONTWRITEBYTECODE": "1"})
+    assert o.rc == 2, o.err
+
+
 # ---------------------------------------------------------------------------------------- tox
 
 
