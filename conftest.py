@@ -1,5 +1,5 @@
-"""Suite entry point: the host-side controller (kernel, erofs-utils, VM workers),
-and the fixture library in fixtures/plugin.py.
+"""Suite entry point: the host-side controller (kernel, erofs-utils, VM workers) and the
+run configuration it resolves once; the fixtures are in fixtures/ (the pytest plugin).
 
 Two ways to run tests/fscache:
   VM mode   pytest --dist load --tx 2*popen//python=tools/vm-python tests/fscache
@@ -8,28 +8,27 @@ Two ways to run tests/fscache:
   host mode pytest --host-mode tests/fscache   (root, on a kernel that has the features)
 """
 
-import hashlib
-import json
+import compileall
+import copy
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from tabulate import tabulate
 
-REPO = Path(__file__).resolve().parent
-sys.path.insert(0, str(REPO / "tools"))
-
-from vmtest import legs  # noqa: E402
-
-from fixtures.kernel import strict_mode  # noqa: E402
-from fixtures.process_utils import cmd  # noqa: E402
+from erofs_domains.base import config as run_config
+from erofs_domains.base.cache_dir import cache_root
+from erofs_domains.base.layout import REPO
+from erofs_domains.guest import kernel_features
+from erofs_domains.guest.fscache import image_set
+from erofs_domains.guest.images import ImageFactory, image_cache_dir
+from erofs_domains.host import cachegc, deps, erofs_utils_build, features_probe, kernel_build, legs, reproduce
+from fixtures.requirements import FLAG, features_required
 
 pytest_plugins = ["fixtures.record", "fixtures.plugin"]
-
-
-def in_vm() -> bool:
-    return os.environ.get("EROFS_TEST_IN_VM") == "1"
 
 
 def is_worker(config) -> bool:
@@ -37,27 +36,35 @@ def is_worker(config) -> bool:
 
 
 def vm_mode(config) -> bool:
-    return any("vm-python" in tx for tx in (config.getoption("tx", None) or []))
+    return legs.vm_workers(config.getoption("tx", None)) > 0
+
+
+def given_configuration(config) -> run_config.RunConfig:
+    """The run configuration as the user gave it: the options over the environment."""
+    env = run_config.current()
+    opt = config.getoption
+    return env.replace(
+        results=Path(opt("results")).resolve(), kernel=opt("kernel"), kernel_src=opt("kernel_src"),
+        kernel_version=opt("kernel_version"), kernel_profile=opt("kernel_profile"),
+        mkfs=opt("mkfs") or env.mkfs, erofs_utils_src=opt("erofs_utils_src") or env.erofs_utils_src,
+        require_features=opt("require_features"), test_timeout=opt("test_timeout"))
 
 
 def resolve_mkfs(config):
     """The erofs-utils under test, named once per run: --mkfs or MKFS_EROFS (used as it is;
     nothing is built or downloaded), else --erofs-utils-src (that tree, built), else Debian's.
-    Exports MKFS_EROFS, DUMP_EROFS and FSCK_EROFS, so every tool, image, worker and VM of the
-    run uses exactly these binaries.  Raises deps.ToolError (also for a release the suite does
-    not support, fixtures/erofs_tools.py UNSUPPORTED, in strict mode; else it warns)."""
+    The run configuration gets its three binaries, so every tool, image, worker and VM of the
+    run uses exactly these.  Raises deps.ToolError (also for a release the suite does not
+    support, erofs_domains/base/erofs_tools.py UNSUPPORTED, under --require-features; else it
+    warns)."""
     utils = getattr(config, "_erofs_utils", None)
     if utils is None:
-        from vmtest import erofs_utils
-
-        utils = erofs_utils.resolve(config.getoption("mkfs"), config.getoption("erofs_utils_src"))
-        for var in erofs_utils.ENV_NAMES.values():  # no dump/fsck of another erofs-utils stays
-            os.environ.pop(var, None)
-        os.environ.update(utils.env())
+        utils = erofs_utils_build.resolve(config.getoption("mkfs"), config.getoption("erofs_utils_src"))
+        run_config.update(mkfs=utils.mkfs, dump=utils.dump or None, fsck=utils.fsck or None)
         config._erofs_utils = utils
         reason = utils.tools().why_unsupported()
-        if reason and strict_mode(config):
-            raise erofs_utils.BuildError(f"--strict: {reason}")
+        if reason and features_required():
+            raise erofs_utils_build.BuildError(f"{FLAG}: {reason}")
         if reason:
             print(f"erofs-fscache: warning: {reason}", file=sys.stderr)
     return utils
@@ -66,14 +73,12 @@ def resolve_mkfs(config):
 @pytest.fixture(scope="session")
 def erofs_utils(pytestconfig):
     """The erofs-utils under test (resolve_mkfs) for tests outside a VM run, resolved on first
-    use; skips (fails in strict mode) when there is none to test."""
-    from vmtest import deps
-
+    use; skips (fails under --require-features) when there is none to test."""
     try:
-        utils = resolve_mkfs(pytestconfig)  # strict mode: raises for an unsupported release too
+        utils = resolve_mkfs(pytestconfig)  # --require-features: raises for an unsupported release too
     except deps.ToolError as e:
-        if strict_mode(pytestconfig):
-            pytest.fail(str(e) if str(e).startswith("--strict") else f"--strict: no erofs-utils to test: {e}",
+        if features_required():
+            pytest.fail(str(e) if str(e).startswith(FLAG) else f"{FLAG}: no erofs-utils to test: {e}",
                         pytrace=False)
         pytest.skip(f"no erofs-utils to test: {e}")
     reason = utils.tools().why_unsupported()
@@ -83,15 +88,15 @@ def erofs_utils(pytestconfig):
 
 
 @pytest.fixture(scope="session")
-def require_tool(erofs_utils, pytestconfig):
+def require_tool(erofs_utils):
     """`require_tool("dump --cat")`: when the erofs-utils under test predates the feature
-    (fixtures/erofs_tools.py TOOL_FEATURES), skip naming the release it needs (fail in strict
-    mode)."""
+    (erofs_domains/base/erofs_tools.py TOOL_FEATURES), skip naming the release it needs (fail
+    under --require-features)."""
 
     def check(feature: str) -> None:
         reason = erofs_utils.tools().why_not(feature)
-        if reason and strict_mode(pytestconfig):
-            pytest.fail(f"--strict: {reason}", pytrace=False)
+        if reason and features_required():
+            pytest.fail(f"{FLAG}: {reason}", pytrace=False)
         if reason:
             pytest.skip(reason)
 
@@ -100,78 +105,22 @@ def require_tool(erofs_utils, pytestconfig):
 
 def prebuild_images() -> None:
     """Build the VM tests' images here, natively, before the VMs start (see image_set.py)."""
-    import copy
-    import time
-
-    from fixtures.images import ImageFactory
-    from fixtures.plugin import image_cache_dir, image_seed
-    from tests.fscache import image_set
-
     start = time.monotonic()
-    os.environ["EROFS_TEST_SEED"] = str(image_seed())  # the guests use the seed built here
-    small = ImageFactory(image_cache_dir(), os.environ["MKFS_EROFS"], seed=image_seed())
+    run = run_config.update(seed=run_config.current().image_seed)  # the guests use the seed built here
+    small = ImageFactory(image_cache_dir(), run.mkfs, seed=run.image_seed)
     tiny = copy.copy(small)
     tiny.profile = "tiny"
     n = image_set.prebuild(small, tiny)
     print(f"erofs-fscache: {n} images ready in {time.monotonic() - start:.0f} s", file=sys.stderr)
 
 
-def probe_key(kernel: Path) -> str:
-    """What a probe's answer depends on: the kernel image, the probe's code, the mkfs binary."""
-    h = hashlib.sha256(Path(kernel).read_bytes())
-    h.update((REPO / "fixtures" / "kernel.py").read_bytes())
-    mkfs = os.environ.get("MKFS_EROFS", "")
-    if mkfs and os.path.exists(mkfs):
-        from fixtures import erofs_tools
-
-        h.update(f"{os.path.realpath(mkfs)} {erofs_tools.identity(mkfs)}".encode())
-    return h.hexdigest()[:24]
-
-
-def probe_guest(kernel: Path) -> dict | None:
-    """Boot once and read the guest's features (also proves the kernel boots). The answer is
-    kept per (kernel image, probe code, mkfs): the next run of the same kernel starts its
-    workers without this extra boot (~10 s under TCG)."""
-    from vmtest.paths import cache_root
-
-    if os.environ.get("EROFS_TEST_PROBE") == "0":  # tools/compare-kernels, tools/bisect: one boot less
-        return None
-    saved = cache_root() / "probes" / f"{probe_key(kernel)}.json"
-    if saved.exists():
-        guest = json.loads(saved.read_text())
-        guest["cached"] = str(saved)
-        return guest
-    argv = [sys.executable, str(REPO / "tools" / "vm-run"), "--kernel", str(kernel), "--",
-           sys.executable, "-m", "fixtures.kernel", os.environ.get("MKFS_EROFS", "")]
-    r = cmd(argv, check=False, cwd=REPO, timeout=600)
-    for line in r.stdout.splitlines():
-        if line.startswith("{"):
-            guest = json.loads(line)
-            saved.parent.mkdir(parents=True, exist_ok=True)
-            tmp = saved.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(guest))
-            tmp.replace(saved)
-            return guest
-    raise pytest.UsageError(
-        f"the test kernel {kernel} did not boot or run Python (exit {r.returncode}).\n"
-        f"command: {shlex.join(argv)}\n{r.stderr[-3000:]}"
-    )
-
-
 def prune_cache() -> None:
     """Old launch scripts, kernels, build dirs and images go at every session start
-    (tools/vmtest/cachegc.py; `tools/cache` shows them)."""
-    from vmtest import cachegc
-    from vmtest.paths import cache_root
-
+    (erofs_domains/host/cachegc.py; `tools/cache` shows them)."""
     removed = cachegc.prune(cache_root())
     if removed:
         print("erofs-fscache: pruned the cache: " + ", ".join(f"{n} {k}" for k, n in removed.items())
               + " (tools/cache --list)", file=sys.stderr)
-
-
-def worker_count(config) -> int:
-    return sum(int(tx.split("*", 1)[0]) if "*" in tx else 1 for tx in (config.getoption("tx", None) or []))
 
 
 def select_leg(config):
@@ -191,91 +140,69 @@ def collect_only(config) -> bool:
     return bool(config.getoption("collectonly", False))
 
 
+def resolve_kernel(config) -> Path:
+    return kernel_build.resolve_kernel(config.getoption("kernel"), config.getoption("kernel_src"),
+                                       config.getoption("kernel_profile"), config.getoption("kernel_version"))
+
+
 def pytest_configure(config):
     select_leg(config)
-    results = config.getoption("results") or Path(os.environ.get("EROFS_TEST_RESULTS") or REPO / "results")
-    os.environ["EROFS_TEST_RESULTS"] = str(Path(results).resolve())
-    if not (is_worker(config) or in_vm()):
-        # Before any default is resolved: the reproduce line names what the user chose.
-        from fixtures import reproduce
-
-        mode = "vm" if vm_mode(config) else "host" if config.getoption("host_mode") else "controller"
-        os.environ[reproduce.ENV] = shlex.join(reproduce.config_prefix(config, mode))
-        if vm_mode(config) and not collect_only(config):
-            prune_cache()
-            if config.getoption("maxworkerrestart", None) is None:
-                # xdist restarts crashed --tx workers without limit (with -n: 4 per worker);
-                # a kernel that oopses in every test would boot a VM per test. Under -x a
-                # crash is the first failure: xdist would still start a new VM, give it
-                # tests, and stop only when that one crashed too.
-                restarts = 0 if config.getoption("maxfail", 0) == 1 else 4 * worker_count(config)
-                config.option.maxworkerrestart = str(restarts)
-    if strict_mode(config):
-        os.environ["EROFS_TEST_STRICT"] = "1"
-    if is_worker(config) or in_vm() or collect_only(config):
-        return
-    if config.getoption("host_mode"):
-        from vmtest import deps
-
-        try:
-            resolve_mkfs(config)
-        except deps.ToolError as e:
-            raise pytest.UsageError(str(e)) from None
-    if not vm_mode(config) and any(legs.owns("host", str(a), REPO) for a in config.args):
-        # Tests that boot VMs of their own from here (tests/host): they need the kernel only.
-        from vmtest import deps, kernel
-
-        try:
-            resolve_mkfs(config)
-            os.environ["EROFS_TEST_KERNEL"] = str(kernel.resolve_kernel(
-                config.getoption("kernel"), config.getoption("kernel_src"), config.getoption("kernel_profile"),
-                config.getoption("kernel_version")))
-        except deps.ToolError as e:
-            raise pytest.UsageError(str(e)) from None
+    if is_worker(config) or run_config.current().in_vm:
+        return  # the controller resolved the run configuration; this process reads it
+    mode = "vm" if vm_mode(config) else "host" if config.getoption("host_mode") else "controller"
+    given = given_configuration(config)
+    # Before any default is resolved: the reproduce line names what the user chose.
+    run_config.install(given.replace(reproduce=shlex.join(reproduce.run_prefix(given, mode))))
+    if collect_only(config):
         return
     if vm_mode(config):
-        from vmtest import deps, kernel
-
-        try:
+        prune_cache()
+        if config.getoption("maxworkerrestart", None) is None:
+            # xdist restarts crashed --tx workers without limit (with -n: 4 per worker);
+            # a kernel that oopses in every test would boot a VM per test. Under -x a
+            # crash is the first failure: xdist would still start a new VM, give it
+            # tests, and stop only when that one crashed too.
+            restarts = 0 if config.getoption("maxfail", 0) == 1 else 4 * legs.vm_workers(config.getoption("tx"))
+            config.option.maxworkerrestart = str(restarts)
+    try:
+        if config.getoption("host_mode"):
             resolve_mkfs(config)
-            image = kernel.resolve_kernel(config.getoption("kernel"), config.getoption("kernel_src"),
-                                          config.getoption("kernel_profile"), config.getoption("kernel_version"))
+        elif not vm_mode(config) and any(legs.owns("host", str(a), REPO) for a in config.args):
+            # Tests that boot VMs of their own from here (tests/host): they need the kernel only.
+            resolve_mkfs(config)
+            run_config.update(kernel=resolve_kernel(config))
+        elif vm_mode(config):
+            resolve_mkfs(config)
+            image = resolve_kernel(config)
             deps.check(deps.VM_RUN, "boot the test kernel")  # here too: the probe may be cached
-        except deps.ToolError as e:
-            raise pytest.UsageError(str(e)) from None
-        # The guest cannot write byte code (its view of this tree is read-only): compile here.
-        import compileall
-
-        for d in ("fixtures", "tests", "tools/vmtest"):
-            compileall.compile_dir(REPO / d, quiet=1)
-        os.environ["EROFS_TEST_KERNEL"] = str(image)
-        prebuild_images()
-        os.environ["EROFS_TEST_PYTHON"] = sys.executable
-        Path(os.environ["EROFS_TEST_RESULTS"]).mkdir(parents=True, exist_ok=True)
-        config._erofs_guest = probe_guest(image)
+            # The guest cannot write byte code (its view of this tree is read-only): compile here.
+            for d in ("erofs_domains", "fixtures", "tests"):
+                compileall.compile_dir(REPO / d, quiet=1)
+            run_config.update(kernel=image, python=sys.executable)
+            prebuild_images()
+            run_config.current().results.mkdir(parents=True, exist_ok=True)
+            config._erofs_guest = features_probe.probe_guest(image)
+    except deps.ToolError as e:
+        raise pytest.UsageError(str(e)) from None
 
 
 def pytest_report_header(config):
-    from tabulate import tabulate
-
+    run = run_config.current()
+    required = f"{FLAG}: {'on' if run.require_features else 'off'}"
     guest = getattr(config, "_erofs_guest", None)
     if guest:
         rows = guest["table"]
         how = f"probed in a VM earlier: {guest['cached']}" if guest.get("cached") else "probed in a VM"
-        series = config.getoption("kernel_version") or "the tree's own / the default"
-        title = f"test kernel {os.environ.get('EROFS_TEST_KERNEL')}, --kernel-version {series} ({how})"
+        series = run.kernel_version or f"{kernel_build.DEFAULT_KERNEL_VERSION} (default) or the tree's own"
+        title = f"test kernel {run.kernel}, --kernel-version {series} ({how})"
     elif vm_mode(config) and not is_worker(config):
-        return [f"test kernel {os.environ.get('EROFS_TEST_KERNEL')} (features not probed: EROFS_TEST_PROBE=0)",
-                f"strict mode: {'on' if strict_mode(config) else 'off'}"]
+        return [f"test kernel {run.kernel} (features not probed: EROFS_TEST_PROBE=0)", required]
     elif not is_worker(config):
-        from fixtures import kernel as fk
-
-        rows = fk.detect(os.environ.get("MKFS_EROFS")).table()
-        title = "this machine's kernel" + (" (inside the VM)" if in_vm() else "")
+        rows = kernel_features.detect(run.mkfs).table()
+        title = "this machine's kernel" + (" (inside the VM)" if run.in_vm else "")
     else:
         return None
-    return [title, tabulate(rows, headers=["feature", "value"], tablefmt="simple"),
-            f"strict mode: {'on' if strict_mode(config) else 'off'}"]
+    return [title, tabulate(rows, headers=["feature", "value"], tablefmt="simple"), required]
 
 
 @pytest.hookimpl(trylast=True)
@@ -293,7 +220,7 @@ def pytest_sessionfinish(session, exitstatus):
 def pytest_collection_finish(session):
     """Host mode needs an explicit opt-in: it binds cachefiles and mounts on this machine."""
     config = session.config
-    if is_worker(config) or in_vm() or collect_only(config):
+    if is_worker(config) or run_config.current().in_vm or collect_only(config):
         return
     suites = {s for s in legs.LEGS["vm"] for item in session.items if item.nodeid.startswith(s + "/")}
     if not suites:
@@ -309,9 +236,7 @@ def pytest_collection_finish(session):
             "or on a disposable root machine whose kernel has the features with --host-mode.",
             returncode=4,
         )
-    from fixtures import kernel as fk
-
-    f = fk.detect(os.environ.get("MKFS_EROFS"))
+    f = kernel_features.detect(run_config.current().mkfs)
     reason = f.why_no_ondemand() if "tests/fscache" in suites else f.why_no_pagecache_share()
     if os.geteuid() != 0 or reason:
         pytest.exit(f"--host-mode refused: {reason or 'not root'}", returncode=4)

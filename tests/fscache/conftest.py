@@ -1,19 +1,18 @@
 """Every test here runs as root on a kernel with the on-demand features (in a VM).
 
 Fixtures of every test family: the module's shared daemon (`shared_daemon`) and a test's view
-of it (`rig` for the domain tests, `env` for the fault tests; `kernel_trace`, the kernel's trace
+of it (`rig` for the domain tests, `fault_env` for the fault tests; `kernel_trace`, the kernel's trace
 of the requests beside a rig); daemons a test starts itself
 (`daemons`, `plain_mounts`). The pieces are in fixtures/daemons.py.
 """
 
 import contextlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from fixtures.paths import work_root
+from erofs_domains.base.scratch import work_root
 
 
 @pytest.fixture(autouse=True)
@@ -54,11 +53,11 @@ def tiny_images(images):
 # ----------------------------------------------------------------- the module's daemon
 @pytest.fixture(scope="module")
 def shared_daemon(request, require):
-    """One cache and one on-demand daemon for the whole module (fixtures/daemons.py), behind
-    `rig` and `env`. Module attributes: SHARED_DAEMON_ARGS (default: --fill-granularity 4096,
+    """One cache and one on-demand daemon for the whole module (erofs_domains/guest/fscache/daemons.py), behind
+    `rig` and `fault_env`. Module attributes: SHARED_DAEMON_ARGS (default: --fill-granularity 4096,
     so the daemon writes exactly what a READ asks for and the READs of a blob show which ranges
     the kernel fetched) and SHARED_CACHE_MIB (default 256)."""
-    from fixtures.daemons import SharedDaemon, work_dir
+    from erofs_domains.guest.fscache.daemons import SharedDaemon, work_dir
     from fixtures.plugin import test_dir
 
     require.ondemand()
@@ -77,9 +76,10 @@ def shared_daemon(request, require):
 def _test_of_shared_daemon(shared_daemon, kmsg, artifacts, prefix: str):
     """The module's daemon as this test sees it (its requests only) and the test's mounts.
     Teardown: unmount, then `end_test`; whatever went wrong fails this test."""
-    from fixtures.daemons import end_test
-    from fixtures.mounts import MountTable
-    from fixtures.plugin import WATCHDOG, unique
+    from erofs_domains.base.names import unique
+    from erofs_domains.guest.fscache.daemons import end_test
+    from erofs_domains.guest.mounts import MountTable
+    from fixtures.plugin import WATCHDOG
 
     window = shared_daemon.window()
     WATCHDOG.register(window.kill)
@@ -94,9 +94,9 @@ def _test_of_shared_daemon(shared_daemon, kmsg, artifacts, prefix: str):
 @pytest.fixture
 def rig(require, shared_daemon, kmsg, artifacts):
     """A domain test's view of the module's daemon, its mounts (unmounted at teardown), an
-    Oracle, and unique names (tests/fscache/checks.py)."""
-    from fixtures.plugin import unique
-    from tests.fscache.checks import Rig
+    Oracle, and unique names (erofs_domains/guest/fscache/rig.py)."""
+    from erofs_domains.base.names import unique
+    from erofs_domains.guest.fscache.rig import Rig
 
     require.domain()
     require.stats()
@@ -109,11 +109,11 @@ def rig(require, shared_daemon, kmsg, artifacts):
 @pytest.fixture
 def kernel_trace(require, rig):
     """The kernel's own trace of the on-demand requests beside `rig` (cachefiles_ondemand_*
-    tracepoints; tests/fscache/trace_checks.py `KernelTrace`). Enabled after the rig is set up,
+    tracepoints; erofs_domains/guest/fscache/trace_checks.py `KernelTrace`). Enabled after the rig is set up,
     so it holds every request the test's mounts make; disabled before the rig unmounts (its
     teardown's CLOSEs are not traced)."""
-    from fixtures.observe.ondemand_trace import OndemandTrace
-    from tests.fscache.trace_checks import KernelTrace
+    from erofs_domains.guest.fscache.trace_checks import KernelTrace
+    from erofs_domains.guest.observe.ondemand_trace import OndemandTrace
 
     require.ondemand_trace()
     trace = OndemandTrace()
@@ -126,8 +126,8 @@ class FaultEnv:
     """What a fault test of the module's daemon gets: its window (control channel, this test's
     requests), mounts, the kernel log and the artifacts directory."""
 
-    window: object  # fixtures.daemons.DaemonWindow
-    mounts: object  # fixtures.mounts.MountTable
+    window: object  # erofs_domains.guest.fscache.daemons.DaemonWindow
+    mounts: object  # erofs_domains.guest.mounts.MountTable
     kmsg: object
     artifacts: Path
 
@@ -154,7 +154,7 @@ class FaultEnv:
 
 
 @pytest.fixture
-def env(shared_daemon, kmsg, artifacts):
+def fault_env(shared_daemon, kmsg, artifacts):
     with _test_of_shared_daemon(shared_daemon, kmsg, artifacts, "f") as (window, table):
         yield FaultEnv(window, table, kmsg, artifacts)
 
@@ -162,8 +162,8 @@ def env(shared_daemon, kmsg, artifacts):
 # ----------------------------------------------------------------- daemons of one test
 @pytest.fixture
 def daemons(cache_fs, artifacts):
-    """Daemons the test starts (and kills) itself, on its own cache (fixtures/daemons.py)."""
-    from fixtures.daemons import Daemons, work_dir
+    """Daemons the test starts (and kills) itself, on its own cache (erofs_domains/guest/fscache/daemons.py)."""
+    from erofs_domains.guest.fscache.daemons import Daemons, work_dir
     from fixtures.plugin import WATCHDOG
 
     d = Daemons(Path(cache_fs.mountpoint), artifacts, work_dir("d-"), WATCHDOG)
@@ -174,8 +174,8 @@ def daemons(cache_fs, artifacts):
 @pytest.fixture
 def plain_mounts(daemons, kmsg):
     """A MountTable torn down before `daemons` (so mounts go before their daemons)."""
-    from fixtures.mounts import MountTable
-    from fixtures.plugin import unique
+    from erofs_domains.base.names import unique
+    from erofs_domains.guest.mounts import MountTable
 
     table = MountTable(root=work_root() / "mnt" / unique("p"), kmsg=kmsg)
     yield table
@@ -186,11 +186,7 @@ def plain_mounts(daemons, kmsg):
 
 @pytest.fixture
 def hypothesis_db():
-    """Hypothesis' example database, kept with the results ($EROFS_TEST_RESULTS/hypothesis)."""
-    from hypothesis.database import DirectoryBasedExampleDatabase
+    """Hypothesis' example database, kept with the results (<results>/hypothesis)."""
+    from fixtures.plugin import model_database
 
-    from fixtures.plugin import RESULTS
-
-    path = Path(os.environ.get("EROFS_TEST_RESULTS") or RESULTS) / "hypothesis"
-    path.mkdir(parents=True, exist_ok=True)
-    return DirectoryBasedExampleDatabase(str(path))
+    return model_database("hypothesis")

@@ -26,17 +26,17 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.erofs_format import S_IFMT, S_IFREG, ErofsMeta
-from fixtures.mounts import FS_IOC_GETFSSYSFSPATH, MountError, sysfs_name
-from fixtures.observe.cachedir import CacheDirListing, predict_path
-from fixtures.plugin import unique
-from tests.fscache.helpers_faults import (
+from erofs_domains.base.names import unique
+from erofs_domains.guest.erofs_format import S_IFMT, S_IFREG, ErofsMeta
+from erofs_domains.guest.fscache.faults import (
     Row,
     errname,
     errnames,
     mkfs_tree,
     readable,
 )
+from erofs_domains.guest.mounts import FS_IOC_GETFSSYSFSPATH, MountError, sysfs_name
+from erofs_domains.guest.observe.cachedir import CacheDirListing, predict_path
 
 SHARED_DAEMON_ARGS: list[str] = []
 SHARED_CACHE_MIB = 64
@@ -66,7 +66,7 @@ class OptionCase:
     errno: int | tuple[int, ...] = 0  # 0: the mount works
     log: str | None = None  # regex the kernel log must show
     check: str = ""  # for working mounts: sysfs-bang | sysfs-null | cachefile
-    rule: str = "fscache_backend"  # fixtures/kernel.py RULES: where this case applies
+    rule: str = "fscache_backend"  # erofs_domains/guest/kernel_features.py RULES: where this case applies
 
     def expected(self) -> str:
         if self.errno:
@@ -164,19 +164,19 @@ def spot_check(image, root: Path, n: int = 4) -> list[str]:
 
 
 @pytest.mark.parametrize("case", MOUNT_OPTION_CASES, ids=lambda c: c.id)
-def test_mount_options(case: OptionCase, env, tiny_images, bs1024_image, kmsg, require, features):
+def test_mount_options(case: OptionCase, fault_env, tiny_images, bs1024_image, kmsg, require, features):
     """Each bad option fails with its errno and log line; each edge that works mounts and reads."""
     require.rule(case.rule)
     if case.image == "bs1024":
         image = None
         fsid = case.fsid()
-        env.serve_file(fsid, bs1024_image)
+        fault_env.serve_file(fsid, bs1024_image)
         devices: list[str] = []
     else:
         image = tiny_images.blobdev("bad-blobdev") if case.image == "blobdev" else tiny_images.single("bad-single")
         fsid = case.fsid()
         if fsid:
-            env.serve(image, fsid=fsid)
+            fault_env.serve(image, fsid=fsid)
         devices = list(image.devices)
     if case.devices == "none":
         devices = []
@@ -186,22 +186,22 @@ def test_mount_options(case: OptionCase, env, tiny_images, bs1024_image, kmsg, r
     source = "none"
     backing = None
     if case.source == "file":
-        backing = env.cache_dir / f"{unique('img')}.erofs"  # ext4 (has read_folio), not the overlayfs /tmp
+        backing = fault_env.cache_dir / f"{unique('img')}.erofs"  # ext4 (has read_folio), not the overlayfs /tmp
         shutil.copyfile(image.path, backing)
         source = str(backing)
 
     mark = kmsg.mark()
     try:
-        m = env.mounts.mount_erofs(fsid, domain_id=domain, devices=devices, source=source)
+        m = fault_env.mounts.mount_erofs(fsid, domain_id=domain, devices=devices, source=source)
     except MountError as e:
         if backing is not None:
             backing.unlink()
         if not case.errno:
-            pytest.fail(f"{case.id} ({case.what}): the mount should work but failed: {e}\n{env.render()}",
+            pytest.fail(f"{case.id} ({case.what}): the mount should work but failed: {e}\n{fault_env.render()}",
                         pytrace=False)
         want = case.errno if isinstance(case.errno, tuple) else (case.errno,)
         assert e.errno in want, (
-            f"{case.id} ({case.what}): expected {errnames(want)}, got {errname(e.errno)}\n{e}\n{env.render()}")
+            f"{case.id} ({case.what}): expected {errnames(want)}, got {errname(e.errno)}\n{e}\n{fault_env.render()}")
         if case.log:
             assert any(line.seq > mark for line in kmsg.grep(case.log)), (
                 f"{case.id}: no kernel log line matching {case.log!r}; the mount's log:\n" + "\n".join(e.log))
@@ -209,7 +209,7 @@ def test_mount_options(case: OptionCase, env, tiny_images, bs1024_image, kmsg, r
     try:
         want = case.errno if isinstance(case.errno, tuple) else (case.errno,)
         assert not case.errno, (f"{case.id} ({case.what}): the mount should fail with {errnames(want)} but it "
-                                f"worked; mountinfo: {m.mountinfo}\n{env.render()}")
+                                f"worked; mountinfo: {m.mountinfo}\n{fault_env.render()}")
         bad = spot_check(image, m.path)
         assert not bad, f"{case.id}: content differs from the manifest:\n" + "\n".join(bad)
         info = m.mountinfo
@@ -235,20 +235,21 @@ def test_mount_options(case: OptionCase, env, tiny_images, bs1024_image, kmsg, r
             assert expected.is_dir(), (
                 f"file-backed mount with domain_id and no fsid: expected sysfs dir {expected}; "
                 f"/sys/fs/erofs has {sorted(os.listdir('/sys/fs/erofs'))}")
-        env.window.wait_idle()   # requests are logged after their answer (docs/protocol.md#waiting)
+        fault_env.window.wait_idle()   # requests are logged after their answer (docs/protocol.md#waiting)
         if case.source == "file":
-            assert not env.requests("OPEN"), f"a file-backed mount must not talk to the daemon\n{env.render()}"
+            assert not fault_env.requests("OPEN"), \
+                f"a file-backed mount must not talk to the daemon\n{fault_env.render()}"
         else:
-            opens = [r for r in env.requests("OPEN") if r.get("cookie_key") == fsid]
-            assert opens, f"{case.id}: no OPEN for cookie {fsid!r}\n{env.render()}"
+            opens = [r for r in fault_env.requests("OPEN") if r.get("cookie_key") == fsid]
+            assert opens, f"{case.id}: no OPEN for cookie {fsid!r}\n{fault_env.render()}"
     finally:
-        env.mounts.umount(m)
+        fault_env.mounts.umount(m)
         if backing is not None:
             backing.unlink()
     if case.check == "sysfs-bang":
-        env.control.wait_idle(timeout=10)
+        fault_env.control.wait_idle(timeout=10)
         want_path = predict_path(f"erofs,{domain}", fsid.encode())
-        listing = CacheDirListing.scan(env.cache_dir)
+        listing = CacheDirListing.scan(fault_env.cache_dir)
         assert want_path in listing.paths(), f"cache file {want_path} (encoded key) missing\n{listing.render()}"
 
 
@@ -283,7 +284,7 @@ class CorruptCase:
     ops: tuple[Op, ...] = ()
     log: str | None = None
     seal: bool = True  # recompute the superblock checksum after the mutation
-    rule: str = "fscache_backend"  # fixtures/kernel.py RULES: where this case applies
+    rule: str = "fscache_backend"  # erofs_domains/guest/kernel_features.py RULES: where this case applies
 
     def expected(self) -> str:
         if self.mount_errno:
@@ -461,7 +462,7 @@ def walk(root: Path, max_entries: int = 400, max_read: int = 64 << 10) -> tuple[
 
 
 @pytest.mark.parametrize("case", CORRUPT_IMAGE_CASES, ids=lambda c: c.id)
-def test_corrupted_image(case: CorruptCase, env, tiny_images, kmsg, tmp_path, require):
+def test_corrupted_image(case: CorruptCase, fault_env, tiny_images, kmsg, tmp_path, require):
     """The daemon serves a damaged image: documented errno and log line, no oops, other files fine."""
     require.rule(case.rule)
     image = tiny_images.single("bad-single")
@@ -477,22 +478,22 @@ def test_corrupted_image(case: CorruptCase, env, tiny_images, kmsg, tmp_path, re
         out = meta.data
     blob = tmp_path / f"{case.id}.erofs"
     blob.write_bytes(bytes(out))
-    fsid = env.serve_file(unique(f"c-{case.id[:12]}-"), blob)
+    fsid = fault_env.serve_file(unique(f"c-{case.id[:12]}-"), blob)
 
     mark = kmsg.mark()
     try:
-        m = env.mounts.mount_erofs(fsid)
+        m = fault_env.mounts.mount_erofs(fsid)
     except MountError as e:
         assert case.mount_errno, (
             f"{case.id} ({case.what}): the mount should work (then {case.expected()}) but failed: {e}\n"
-            + env.render())
+            + fault_env.render())
         assert e.errno == case.mount_errno, (
             f"{case.id} ({case.what}): expected {errname(case.mount_errno)}, got {errname(e.errno)}\n{e}")
         _check_log(case, kmsg, mark)
         return
     assert not case.mount_errno, (
         f"{case.id} ({case.what}): the mount should fail with {errname(case.mount_errno)} but it worked\n"
-        + env.render())
+        + fault_env.render())
     results = []
     for op in case.ops:
         path = m.path / (ctx.get(op.target, control if op.target == "control" else op.target)).lstrip("/")

@@ -24,9 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.observe.cachedir import CacheDirListing, predict_path
-from fixtures.plugin import unique
-from tests.fscache.helpers_faults import (
+from erofs_domains.base.names import unique
+from erofs_domains.guest.fscache.faults import (
     Row,
     errname,
     fscache_stats,
@@ -35,6 +34,7 @@ from tests.fscache.helpers_faults import (
     stat_delta,
     table,
 )
+from erofs_domains.guest.observe.cachedir import CacheDirListing, predict_path
 
 CACHE_MIB = 8
 BIG_MIB = 12

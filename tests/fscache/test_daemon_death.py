@@ -25,19 +25,19 @@ from dataclasses import dataclass
 
 import pytest
 
-from fixtures.cache import wait_withdrawn
-from fixtures.mounts import MountError
-from fixtures.observe import procfs
-from fixtures.plugin import unique
-from tests.fscache.helpers_faults import (
+from erofs_domains.base.names import unique
+from erofs_domains.base.proc import wait_for
+from erofs_domains.guest.fscache.cache import wait_withdrawn
+from erofs_domains.guest.fscache.faults import (
     Reader,
     Row,
     errname,
     errnames,
     serve,
     table,
-    wait_for,
 )
+from erofs_domains.guest.mounts import MountError
+from erofs_domains.guest.observe import procfs
 
 FILL = ("--fill-granularity", "4096")  # exact READs: data stays uncached until read
 DEATH_BOUND = 15.0  # seconds from the death to the blocked callers' return (TCG is slow)
@@ -58,7 +58,7 @@ class DeathCase:
     how: str  # sigkill | sigterm | exit
     expected: tuple[int, ...]  # errnos of the blocked callers
     restart: bool = False  # then: a new daemon without restore, the old mount, a remount
-    rule: str = "fscache_backend"  # fixtures/kernel.py RULES: where this case applies
+    rule: str = "fscache_backend"  # erofs_domains/guest/kernel_features.py RULES: where this case applies
 
     def text(self) -> str:
         who = "blocked readers get" if self.inflight == "read" else "the blocked mount gets"
@@ -114,7 +114,7 @@ def test_daemon_death(case: DeathCase, daemons, plain_mounts, tiny_images, kmsg,
 
         t = threading.Thread(target=mount, daemon=True)
         t.start()
-        wait_for(lambda: d.control.status()["counts"]["OPEN"] >= 1, 30, "the OPEN to reach the daemon")
+        wait_for(lambda: d.control.status()["counts"]["OPEN"] >= 1, timeout=30, what="the OPEN to reach the daemon")
         t0 = time.monotonic()
         _die(d, case.how)
         t.join(DEATH_BOUND + 5)
@@ -141,7 +141,7 @@ def test_daemon_death(case: DeathCase, daemons, plain_mounts, tiny_images, kmsg,
         readers = [Reader(m.path / p.lstrip("/")) for p in HELD_FILES[:n]]
         for r in readers:
             r.start()
-        wait_for(lambda: len(d.control.status()["ignored"]) >= n, 30, f"{n} READs held by the daemon")
+        wait_for(lambda: len(d.control.status()["ignored"]) >= n, timeout=30, what=f"{n} READs held by the daemon")
         time.sleep(0.2)
         assert all(r.is_alive() for r in readers), "a reader returned although its READ is held"
         t0 = time.monotonic()
@@ -203,7 +203,7 @@ def _read_errno(path, offset: int = 0) -> int:
 # looked up again: B's data reads of X fail, as do A's uncached reads, and the new daemon never
 # sees an OPEN for X. Once every member is unmounted the domain is torn down and a fresh mount of
 # B works end to end. The errno of the failing reads is rule restart_member_reads_fail's
-# (fixtures/kernel.py).
+# (erofs_domains/guest/kernel_features.py).
 
 
 def domain_restart_expected(features) -> dict[str, str]:
@@ -291,7 +291,7 @@ def test_failover_restore(require, daemons, plain_mounts, tiny_images, kmsg):
     for r in readers:
         r.start()
     held = wait_for(lambda: d1.control.status()["ignored"] if len(d1.control.status()["ignored"]) >= 3 else None,
-                    30, "3 READs held by the daemon")
+                    timeout=30, what="3 READs held by the daemon")
     d1.kill()
     time.sleep(1.0)
     early = [r.path for r in readers if not r.is_alive()]

@@ -20,18 +20,18 @@ from dataclasses import dataclass
 
 import pytest
 
-from fixtures.kernel import detect
-from fixtures.mounts import MountError
-from fixtures.observe.cachedir import CacheDirListing, predict_path
-from tests.fscache.helpers_faults import (
+from erofs_domains.base.proc import wait_for
+from erofs_domains.guest.fscache.faults import (
     Reader,
     Row,
     errname,
     errnames,
     fscache_stats,
     stat_delta,
-    wait_for,
 )
+from erofs_domains.guest.kernel_features import detect
+from erofs_domains.guest.mounts import MountError
+from erofs_domains.guest.observe.cachedir import CacheDirListing, predict_path
 
 SHARED_DAEMON_ARGS = ["--fill-granularity", "4096"]
 SHARED_CACHE_MIB = 64
@@ -52,7 +52,7 @@ class CopenCase:
     writes: tuple[int, ...] | None = (0,)  # errnos of the daemon's write()s for the OPEN; None: no OPEN
     object_size: str | int | None = None  # xattr object_size after umount ("blob" = the blob's size)
     retry: bool = False  # after the failure, the same fsid mounts fine
-    rule: str = "fscache_backend"  # fixtures/kernel.py RULES: where this case applies
+    rule: str = "fscache_backend"  # erofs_domains/guest/kernel_features.py RULES: where this case applies
 
     def expected(self) -> str:
         w = "" if self.writes is None else "write(copen) " + " then ".join(errname(e) for e in self.writes) + "; "
@@ -94,64 +94,64 @@ COPEN_CASES = [
 
 
 @pytest.mark.parametrize("case", COPEN_CASES, ids=lambda c: c.id)
-def test_copen(case: CopenCase, env, tiny_images, kmsg, require):
+def test_copen(case: CopenCase, fault_env, tiny_images, kmsg, require):
     require.rule(case.rule)
     image = tiny_images.single("replies")
-    fsid = env.serve(image)
+    fsid = fault_env.serve(image)
     if case.writes is None:
-        env.control.wait_idle(timeout=10, quiet=0.5)  # the fault hits the next read(): let stray CLOSEs pass
-    case.fault(env.control, fsid)
+        fault_env.control.wait_idle(timeout=10, quiet=0.5)  # the fault hits the next read(): let stray CLOSEs pass
+    case.fault(fault_env.control, fsid)
     try:
-        m = env.mounts.mount_erofs(fsid)
+        m = fault_env.mounts.mount_erofs(fsid)
         err = 0
     except MountError as e:
         m, err = None, e.errno
         failure = str(e)
-    env.control.wait_idle(timeout=10)  # a failed OPEN returns mount(2) before the daemon logged it
-    opens = [r for r in env.requests("OPEN") if r["cookie_key"] == fsid]
+    fault_env.control.wait_idle(timeout=10)  # a failed OPEN returns mount(2) before the daemon logged it
+    opens = [r for r in fault_env.requests("OPEN") if r["cookie_key"] == fsid]
     if case.mount:
         assert err in case.mount, (
             f"{case.id} ({case.what}): mount should fail with {errnames(case.mount)}, got {errname(err)}\n"
-            + env.render())
+            + fault_env.render())
     else:
-        assert not err, f"{case.id} ({case.what}): mount should work: {failure}\n{env.render()}"
+        assert not err, f"{case.id} ({case.what}): mount should work: {failure}\n{fault_env.render()}"
     if case.writes is None:
-        assert not opens, f"{case.id}: the OPEN should never reach the daemon\n{env.render()}"
-        reads = [r for r in env.requests("DEVICE_READ")]
+        assert not opens, f"{case.id}: the OPEN should never reach the daemon\n{fault_env.render()}"
+        reads = [r for r in fault_env.requests("DEVICE_READ")]
         assert [r["errno"] for r in reads] == [errno.EMFILE], (
-            f"{case.id}: expected one failed read() of the device with EMFILE\n{env.render()}")
+            f"{case.id}: expected one failed read() of the device with EMFILE\n{fault_env.render()}")
     else:
-        assert opens, f"{case.id}: no OPEN for {fsid}\n{env.render()}"
+        assert opens, f"{case.id}: no OPEN for {fsid}\n{fault_env.render()}"
         got = tuple(opens[0].get("write_errnos") or ())
         assert got == case.writes, (
             f"{case.id} ({case.what}): the daemon's writes {opens[0]['reply']!r} should give "
-            f"{[errname(e) for e in case.writes]}, got {[errname(e) for e in got]}\n{env.render()}")
+            f"{[errname(e) for e in case.writes]}, got {[errname(e) for e in got]}\n{fault_env.render()}")
     if m is not None:
         mismatches = [p for p in (CONTROL, "/small/with space.txt")
                       if hashlib.sha256((m.path / p.lstrip("/")).read_bytes()).hexdigest() != image.manifest[p].sha256]
         assert not mismatches, f"{case.id}: wrong content in {mismatches}"
-        env.mounts.umount(m)
+        fault_env.mounts.umount(m)
     if case.object_size is not None:
-        env.control.wait_idle(timeout=10)
+        fault_env.control.wait_idle(timeout=10)
         want = image.blobs[image.fsid].size if case.object_size == "blob" else case.object_size
         path = predict_path(f"erofs,{fsid}", fsid.encode())
-        listing = CacheDirListing.scan(env.cache_dir)
+        listing = CacheDirListing.scan(fault_env.cache_dir)
         f = listing.file(path)
         assert f is not None and f.xattr is not None, f"{case.id}: no committed cache file {path}\n{listing.render()}"
         assert f.xattr.object_size == want, (
             f"{case.id}: the copen {opens[0]['reply']!r} must store object_size {want} (kstrtol base 0), "
             f"the xattr says {f.xattr.object_size}\n{listing.render()}")
     if case.retry:
-        m2 = env.mounts.mount_erofs(fsid)
+        m2 = fault_env.mounts.mount_erofs(fsid)
         assert (m2.path / CONTROL.lstrip("/")).read_bytes() == b"bottom\n"
-        env.mounts.umount(m2)
+        fault_env.mounts.umount(m2)
 
 
 # --------------------------------------------------------------------------- READ / anon fd
 
 @dataclass
 class IoCtx:
-    env: object
+    fault_env: object
     image: object
     fsid: str
     mount: object
@@ -166,16 +166,16 @@ def sha(data: bytes | None) -> str | None:
 
 def _held_read(ctx: IoCtx, fsid: str, path) -> tuple[Reader, int]:
     """Start a reader of an uncached file while the daemon holds its READ back."""
-    ctx.env.control.fail_read("ignore", cookie=fsid, once=True)
+    ctx.fault_env.control.fail_read("ignore", cookie=fsid, once=True)
     r = Reader(path)
     r.start()
-    ids = wait_for(lambda: ctx.env.control.status()["ignored"], 30, "the daemon to hold a READ back")
+    ids = wait_for(lambda: ctx.fault_env.control.status()["ignored"], timeout=30, what="the daemon to hold a READ back")
     return r, ids[0]
 
 
 def io_bad_ioctl(ctx: IoCtx) -> dict:
     reader, msg_id = _held_read(ctx, ctx.fsid, ctx.mount.path / BIG.lstrip("/"))
-    c = ctx.env.control
+    c = ctx.fault_env.control
     got = {
         "READ_COMPLETE, unknown msg_id": c.probe_read_complete(ctx.fsid, msg_id + 100000),
         "other ioctl cmd (_IOW(0x98, 2, int))": c.probe_read_complete(ctx.fsid, msg_id, ioctl_cmd=0x40049802),
@@ -184,7 +184,7 @@ def io_bad_ioctl(ctx: IoCtx) -> dict:
     assert served == [msg_id], (
         f"RULE BROKEN: bad READ_COMPLETE ioctls must fail and leave READ {msg_id} pending; got "
         + ", ".join(f"{k}: {errname(v)}" for k, v in got.items())
-        + f"; the daemon found {served} still to serve\n{ctx.env.render()}")
+        + f"; the daemon found {served} still to serve\n{ctx.fault_env.render()}")
     reader.join(30)
     assert sha(reader.result.data) == ctx.expected(BIG), (
         f"after the bad ioctls the held READ must complete with the right data: {reader.result}")
@@ -192,17 +192,17 @@ def io_bad_ioctl(ctx: IoCtx) -> dict:
 
 
 def io_other_object(ctx: IoCtx) -> dict:
-    other = ctx.env.serve(ctx.image)
-    m2 = ctx.env.mounts.mount_erofs(other)
+    other = ctx.fault_env.serve(ctx.image)
+    m2 = ctx.fault_env.mounts.mount_erofs(other)
     reader, msg_id = _held_read(ctx, other, m2.path / BIG.lstrip("/"))
-    c = ctx.env.control
+    c = ctx.fault_env.control
     got = {"READ_COMPLETE on another object's anon fd": c.probe_read_complete(ctx.fsid, msg_id)}
     served = c.serve_ignored()["served"]
     assert served == [msg_id], (
         f"RULE BROKEN: READ_COMPLETE on another object's anon fd must fail EINVAL and leave READ "
         f"{msg_id} of {other} pending (cachefiles_ondemand_fd_ioctl() checks req->object, "
         f"CVE-2024-41075); the ioctl gave {errname(got[next(iter(got))])} and the daemon found "
-        f"{served} still to serve\n{ctx.env.render()}")
+        f"{served} still to serve\n{ctx.fault_env.render()}")
     reader.join(30)
     assert sha(reader.result.data) == ctx.expected(BIG), f"held READ of {other}: {reader.result}"
     return got
@@ -210,7 +210,7 @@ def io_other_object(ctx: IoCtx) -> dict:
 
 def io_unaligned_pwrite(ctx: IoCtx) -> dict:
     before = fscache_stats()
-    r = ctx.env.control.probe_pwrite(ctx.fsid, 512, 4096)
+    r = ctx.fault_env.control.probe_pwrite(ctx.fsid, 512, 4096)
     if detect().holds("unaligned_write_refused"):  # and counted as IO mis= (6.1 has neither)
         mis = stat_delta(before, fscache_stats(), "IO", "mis")
         assert mis >= 1, f"rule unaligned_write_refused: an unaligned anon-fd write counts in IO mis=, delta {mis}"
@@ -218,12 +218,12 @@ def io_unaligned_pwrite(ctx: IoCtx) -> dict:
 
 
 def io_misaligned_length(ctx: IoCtx) -> dict:
-    r = ctx.env.control.probe_pwrite(ctx.fsid, 64 << 10, 1000)
+    r = ctx.fault_env.control.probe_pwrite(ctx.fsid, 64 << 10, 1000)
     return {"pwrite of 1000 bytes (direct I/O)": r["errno"]}
 
 
 def io_no_data(ctx: IoCtx) -> dict:
-    ctx.env.control.fail_read("skip_data", cookie=ctx.fsid, once=True)
+    ctx.fault_env.control.fail_read("skip_data", cookie=ctx.fsid, once=True)
     big = ctx.mount.path / BIG.lstrip("/")
     first = Reader(big, 128 << 10, 4096)
     first.run()
@@ -236,7 +236,7 @@ def io_no_data(ctx: IoCtx) -> dict:
 
 
 def io_slow_read(ctx: IoCtx) -> dict:
-    ctx.env.control.delay(2.0, op="READ", cookie=ctx.fsid, once=True)
+    ctx.fault_env.control.delay(2.0, op="READ", cookie=ctx.fsid, once=True)
     r = Reader(ctx.mount.path / BIG.lstrip("/"))
     r.run()
     assert r.result.seconds >= 1.9, f"the READ was delayed 2 s but the read took {r.result.seconds:.2f} s"
@@ -250,7 +250,7 @@ class IoCase:
     what: str
     run: Callable[[IoCtx], dict]
     expected: dict  # description -> errno (0 = success)
-    rule: str = "fscache_backend"  # fixtures/kernel.py RULES: where this case applies
+    rule: str = "fscache_backend"  # erofs_domains/guest/kernel_features.py RULES: where this case applies
     varies: str = ""  # a rule: `expected` where it holds, `otherwise` elsewhere
     otherwise: dict | None = None
 
@@ -283,42 +283,42 @@ IO_CASES = [
 
 
 @pytest.mark.parametrize("case", IO_CASES, ids=lambda c: c.id)
-def test_read_faults(case: IoCase, env, tiny_images, kmsg, require, features):
+def test_read_faults(case: IoCase, fault_env, tiny_images, kmsg, require, features):
     require.rule(case.rule)
     image = tiny_images.single("replies")
-    fsid = env.serve(image)
-    m = env.mounts.mount_erofs(fsid)
-    ctx = IoCtx(env, image, fsid, m)
+    fsid = fault_env.serve(image)
+    m = fault_env.mounts.mount_erofs(fsid)
+    ctx = IoCtx(fault_env, image, fsid, m)
     got = case.run(ctx)
     want = case.expected_on(features)
     assert got == want, (
         f"{case.id} ({case.what}" + (f"; rule {case.varies} {'holds' if want is case.expected else 'does not hold'} "
                                      f"on {features.release}" if case.varies else "") + "):\n" + "\n".join(
             f"  {k}: expected {errname(v)}, got {errname(got.get(k))}" for k, v in want.items())
-        + "\n" + env.render())
+        + "\n" + fault_env.render())
 
 
 # --------------------------------------------------------------------------- anon fd closed early
 
-def test_anon_fd_closed_after_copen(env, tiny_images, features, kmsg):
+def test_anon_fd_closed_after_copen(fault_env, tiny_images, features, kmsg):
     """The daemon closes the anon fd right after its copen (one-shot). Where rule
     reopen_closed_object holds (6.8; 6.1.95, 6.6.35) the READ that follows makes the kernel re-open
     the object (a new OPEN, new object_id and fd) and the mount and reads work; elsewhere the
     READ fails (EIO, "anonymous fd closed prematurely")."""
     image = tiny_images.single("replies")
-    fsid = env.serve(image)
-    env.control.close_anon_early(cookie=fsid)
+    fsid = fault_env.serve(image)
+    fault_env.control.close_anon_early(cookie=fsid)
     if not features.reopens_closed_objects:
         with pytest.raises(MountError) as e:
-            env.mounts.mount_erofs(fsid)
+            fault_env.mounts.mount_erofs(fsid)
         assert e.value.errno in OPEN_FAILED, str(e.value)
         return
     t0 = time.monotonic()
-    m = env.mounts.mount_erofs(fsid)
-    opens = [r for r in env.requests("OPEN") if r["cookie_key"] == fsid]
+    m = fault_env.mounts.mount_erofs(fsid)
+    opens = [r for r in fault_env.requests("OPEN") if r["cookie_key"] == fsid]
     assert len(opens) == 2 and opens[0]["object_id"] != opens[1]["object_id"], (
-        f"expected the closed object to be re-opened once (two OPENs, new object_id)\n{env.render()}")
-    assert opens[0]["fault"] == "close_anon_early" and not opens[1]["fault"], env.render()
+        f"expected the closed object to be re-opened once (two OPENs, new object_id)\n{fault_env.render()}")
+    assert opens[0]["fault"] == "close_anon_early" and not opens[1]["fault"], fault_env.render()
     assert sha((m.path / BIG.lstrip("/")).read_bytes()) == image.manifest[BIG].sha256
     assert time.monotonic() - t0 < 30
 

@@ -14,7 +14,7 @@ import re
 
 import pytest
 
-from tests.fscache.checks import layer_sample
+from erofs_domains.guest.fscache.rig import layer_sample
 
 SAMPLE = ["/etc/os-release", "/shared/from-base.bin"]
 

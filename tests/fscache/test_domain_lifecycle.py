@@ -8,9 +8,9 @@ import threading
 import pytest
 from tabulate import tabulate
 
-from fixtures.observe.cachedir import predict_path
-from fixtures.race import Attempts, Timeline
-from tests.fscache.checks import layer_sample, overlapping_reads, reads, render_reads
+from erofs_domains.guest.fscache.rig import layer_sample, overlapping_reads, reads, render_reads
+from erofs_domains.guest.observe.cachedir import predict_path
+from erofs_domains.guest.race import Attempts, Timeline
 
 ORDERS = {"first": [0, 1, 2], "middle": [1, 0, 2], "last": [2, 1, 0]}
 

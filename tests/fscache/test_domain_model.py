@@ -1,5 +1,5 @@
 """Model-based: random mount/umount/read sequences over a few images, domains and names,
-compared after every step with the pure model of the domain rules (fixtures/oracle.py):
+compared after every step with the pure model of the domain rules (erofs_domains/guest/fscache/oracle.py):
 mount errnos (EEXIST, EBUSY), live volumes and cookies in /proc/fs/fscache, OPEN and CLOSE
 requests per blob, and the files read.
 
@@ -20,13 +20,13 @@ $EROFS_TEST_RESULTS/hypothesis otherwise; no shrinking (each example mounts for 
 test has a time limit): a failure shows the sequence that failed, steps and tables.
 """
 
-import os
 
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
-from tests.fscache.checks import kernel_oracle
+from erofs_domains.guest.fscache.rig import kernel_oracle
+from fixtures.plugin import model_derandomized
 
 MAX_EXAMPLES = 20
 STEPS = 5
@@ -117,8 +117,7 @@ def test_domain_rules_match_the_model(rig, tiny_images, hypothesis_db, features)
             rig.expect_state("model: nothing left after unmounting everything")
             rig.expect_requests("model: a CLOSE for every OPEN", since=self.since)
 
-    ci = bool(os.environ.get("CI"))
     run_state_machine_as_test(DomainMachine, settings=settings(
-        max_examples=MAX_EXAMPLES, stateful_step_count=STEPS, deadline=None, derandomize=ci,
-        database=None if ci else hypothesis_db, phases=[Phase.explicit, Phase.reuse, Phase.generate],
+        max_examples=MAX_EXAMPLES, stateful_step_count=STEPS, deadline=None, derandomize=model_derandomized(),
+        database=hypothesis_db, phases=[Phase.explicit, Phase.reuse, Phase.generate],
         suppress_health_check=list(HealthCheck), report_multiple_bugs=False, print_blob=False))

@@ -1,6 +1,6 @@
 """What erofs mounts share through fscache: nothing without a domain, one volume and the
 cookies (cache files, fetched data) of equally named blobs inside one `domain_id`, nothing
-across domains.  Expectations come from fixtures/oracle.py; every channel is checked:
+across domains.  Expectations come from erofs_domains/guest/fscache/oracle.py; every channel is checked:
 /proc/fs/fscache volumes, cookies and stats, the daemon's requests, the cache directory,
 and the files read through the mounts.
 
@@ -11,8 +11,7 @@ every volume starts with a cold cache (docs/observables.md#the-cache-directory).
 import pytest
 from tabulate import tabulate
 
-from fixtures.observe.cachedir import predict_path
-from tests.fscache.checks import (
+from erofs_domains.guest.fscache.rig import (
     layer_large,
     layer_sample,
     overlapping_reads,
@@ -21,6 +20,7 @@ from tests.fscache.checks import (
     render_reads,
     round_up,
 )
+from erofs_domains.guest.observe.cachedir import predict_path
 
 N_VALUES = [2, 3, 8]
 

@@ -5,11 +5,12 @@ import threading
 
 import pytest
 
-from fixtures import kmsg as kmsg_mod
-from fixtures import leaks
-from fixtures.cache import cachefiles_free
-from fixtures.mounts import MountError, sys_mount, sys_umount
-from fixtures.observe import procfs
+from erofs_domains.base import config
+from erofs_domains.guest import kmsg as kmsg_mod
+from erofs_domains.guest import leaks
+from erofs_domains.guest.fscache.cache import cachefiles_free
+from erofs_domains.guest.mounts import MountError, sys_mount, sys_umount
+from erofs_domains.guest.observe import procfs
 from fixtures.plugin import WATCHDOG
 
 
@@ -45,7 +46,7 @@ def test_daemon_stop_withdraws_the_cache(daemon):
     assert not cachefiles_free(), "/dev/cachefiles opened twice while the daemon holds it"
     assert [c.state for c in procfs.read_caches() if c.name == daemon.tag] == ["A"], procfs.read_caches()
     daemon.stop()
-    from fixtures.cache import wait_withdrawn
+    from erofs_domains.guest.fscache.cache import wait_withdrawn
 
     wait_withdrawn(daemon.tag, timeout=10)
     # A withdrawn cache shows state '-' while something still refers to it, then goes away.
@@ -88,17 +89,15 @@ def test_watchdog_kills_the_daemon_of_a_hung_test(images, daemon, mounts):
 
 
 def test_the_host_knows_which_test_runs_and_its_bound(request):
-    """The VM wrapper ends a guest whose test outlives its bound (tools/vmtest/guard.py), a
+    """The VM wrapper ends a guest whose test outlives its bound (erofs_domains/host/guard.py), a
     task in D state being beyond pytest-timeout's reach; it reads the test and the bound
     from the state file the guest writes."""
     import json
-    import os
-    from pathlib import Path
 
-    path = os.environ.get("EROFS_TEST_VM_STATE")
+    path = config.current().vm_state
     if not path:
         pytest.skip("not in a VM started by tools/vm-python")
-    state = json.loads(Path(path).read_text())
+    state = json.loads(path.read_text())
     assert state["test"] == request.node.nodeid, state
     assert state["bound"] > request.config.getoption("test_timeout"), state
 
@@ -106,10 +105,8 @@ def test_the_host_knows_which_test_runs_and_its_bound(request):
 def test_the_guest_finds_the_images_the_host_prebuilt(images):
     """The controller builds the images of its seed (EROFS_TEST_SEED) before the VMs start;
     a guest that did not get the seed would build another seed's images itself."""
-    import os
-
-    if os.environ.get("EROFS_TEST_IN_VM") != "1":
+    if not config.current().in_vm:
         pytest.skip("host mode: no controller prebuilds images")
-    assert os.environ.get("EROFS_TEST_SEED") == str(images.seed), "the controller's seed did not reach the guest"
+    assert str(config.current().seed) == str(images.seed), "the controller's seed did not reach the guest"
     img = images.single("smoke")
     assert img.cached, f"the guest built the smoke image of seed {images.seed} itself: the host prebuilt another seed"

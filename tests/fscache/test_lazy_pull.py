@@ -1,7 +1,7 @@
 """Lazy pulling over a network: the on-demand daemon fetches blobs from an HTTP blob server
 that lives in another network namespace, joined to the test's by a veth pair.
 
-    blob server (fixtures/blobserver/)  <-- veth 10.213.x.0/30 -->  daemon --http-blob  <->  kernel
+    blob server (erofs_domains/programs/blobserver/)  <-- veth 10.213.x.0/30 -->  daemon --http-blob  <->  kernel
 
 The server's counters (what crossed the network) and the daemon's request log (what the
 kernel asked for, what was fetched, what failed) are the two witnesses; every assertion
@@ -22,11 +22,11 @@ from pathlib import Path
 import pytest
 from tabulate import tabulate
 
-from fixtures import netns
-from fixtures.blobserver.process import BlobServerProcess
-from fixtures.mounts import MountError
-from fixtures.paths import work_root
-from fixtures.plugin import unique
+from erofs_domains.base.names import unique
+from erofs_domains.base.scratch import work_root
+from erofs_domains.guest.mounts import MountError
+from erofs_domains.programs import netns
+from erofs_domains.programs.blobserver.process import BlobServerProcess
 
 FETCH_TIMEOUT = 3.0       # the daemon's --fetch-timeout (seconds per HTTP request)
 GRANULE = 64 << 10        # the daemon's --fetch-granularity

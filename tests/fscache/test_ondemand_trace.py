@@ -10,7 +10,7 @@ from collections import Counter
 
 from tabulate import tabulate
 
-from tests.fscache.checks import layer_sample
+from erofs_domains.guest.fscache.rig import layer_sample
 
 RULE_OPEN = ("a blob already open in a domain is not opened again by a new member (no "
              "cachefiles_ondemand_open); another domain or a mount without one opens its own")

@@ -4,8 +4,8 @@ import re
 
 from tabulate import tabulate
 
-from fixtures.observe import procfs
-from fixtures.observe.cachedir import CacheDirListing, predict_path
+from erofs_domains.guest.observe import procfs
+from erofs_domains.guest.observe.cachedir import CacheDirListing, predict_path
 
 
 def test_single_image_fsid_mount(require, images, daemon, mounts, snapshot):

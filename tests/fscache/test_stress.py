@@ -18,16 +18,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fixtures.mounts import MS_RDONLY, build_options, sys_mount, umount_when_idle
-from fixtures.paths import work_root
-from fixtures.plugin import unique
-from fixtures.race import Attempts, Span, Timeline, overlaps
-from tests.fscache.helpers_faults import (
+from erofs_domains.base.names import unique
+from erofs_domains.base.scratch import work_root
+from erofs_domains.guest.fscache.faults import (
     Reader,
     Row,
     errname,
     table,
 )
+from erofs_domains.guest.mounts import MS_RDONLY, build_options, sys_mount, umount_when_idle
+from erofs_domains.guest.race import Attempts, Span, Timeline, overlaps
 
 SHARED_DAEMON_ARGS: list[str] = []
 SHARED_CACHE_MIB = 64
@@ -48,7 +48,7 @@ FILES = ("/links/hard-a", "/small/s003-1000.dat", "/large/large-0.bin")
 
 def fscache_tables() -> str:
     """/proc/fs/fscache volumes and cookies of erofs, for failure messages."""
-    from fixtures.observe.snapshot import FscacheSnapshot
+    from erofs_domains.guest.observe.snapshot import FscacheSnapshot
 
     return FscacheSnapshot.take().erofs().render()
 
@@ -115,12 +115,12 @@ def member(root: Path, fsid: str, domain: str, blob: str, image, tally: Tally, w
             path.rmdir()
 
 
-def serve_members(env, image, blob: str, names: list[str]) -> None:
+def serve_members(fault_env, image, blob: str, names: list[str]) -> None:
     """Every member is the same metadata blob under its own fsid, with the shared data blob."""
     (dev,) = image.devices
-    env.control.add_blob(blob, str(image.blobs[dev].path))
+    fault_env.control.add_blob(blob, str(image.blobs[dev].path))
     for n in names:
-        env.control.add_blob(n, str(image.path))
+        fault_env.control.add_blob(n, str(image.path))
 
 
 def run_threads(threads: list[threading.Thread], limit: float) -> list[str]:
@@ -132,19 +132,19 @@ def run_threads(threads: list[threading.Thread], limit: float) -> list[str]:
     return [t.name for t in threads if t.is_alive()]
 
 
-def test_domain_mount_churn_with_readers(env, tiny_images, kmsg, artifacts):
+def test_domain_mount_churn_with_readers(fault_env, tiny_images, kmsg, artifacts):
     image = tiny_images.blobdev("stress")
     domain, blob = unique("sdom"), unique("sblob")
     anchor = unique("anchor")
-    serve_members(env, image, blob, [anchor])
-    a = env.mounts.mount_erofs(anchor, domain_id=domain, devices=[blob])
+    serve_members(fault_env, image, blob, [anchor])
+    a = fault_env.mounts.mount_erofs(anchor, domain_id=domain, devices=[blob])
     root = work_root() / "mnt" / unique("churn")
     race = Attempts("member mounts/umounts of different threads overlapping each other and the anchor's "
                     "readers", wanted=1, limit=RACE_ATTEMPTS)
     report = []
     while race.more():
         names = {k: [unique(f"m{k}-") for _ in range(CHURN_ITERATIONS)] for k in range(CHURN_THREADS)}
-        serve_members(env, image, blob, [n for v in names.values() for n in v])
+        serve_members(fault_env, image, blob, [n for v in names.values() for n in v])
         tally, timeline = Tally(), Timeline()
         stop = threading.Event()
 
@@ -176,23 +176,23 @@ def test_domain_mount_churn_with_readers(env, tiny_images, kmsg, artifacts):
                    f"{len(with_reads)} (mount or umount, read) pairs in flight together")
         report += [summary, *tally.problems, *tally.slow]
         (artifacts / "stress.txt").write_text("\n".join(report) + "\n\n" + timeline.render(limit=400) + "\n")
-        assert not stuck, (f"threads still running after {TIME_LIMIT:.0f} s: {stuck}\n{summary}\n{env.render()}\n"
+        assert not stuck, (f"threads still running after {TIME_LIMIT:.0f} s: {stuck}\n{summary}\n{fault_env.render()}\n"
                            + fscache_tables())
-        assert not tally.problems, (f"{summary}\n" + "\n".join(tally.problems[:30]) + "\n" + env.render() + "\n"
+        assert not tally.problems, (f"{summary}\n" + "\n".join(tally.problems[:30]) + "\n" + fault_env.render() + "\n"
                                     + fscache_tables())
         assert tally.mounts == CHURN_THREADS * CHURN_ITERATIONS, summary
         assert not tally.slow, "slow mounts (volume collision wait?):\n" + "\n".join(tally.slow)
         race.record(bool(between) and bool(with_reads), summary + "\n" + timeline.render())
     race.check()
-    env.window.wait_idle()   # requests are logged after their answer (docs/protocol.md#waiting)
-    blob_opens = [r for r in env.requests("OPEN") if r["cookie_key"] == blob]
+    fault_env.window.wait_idle()   # requests are logged after their answer (docs/protocol.md#waiting)
+    blob_opens = [r for r in fault_env.requests("OPEN") if r["cookie_key"] == blob]
     assert len(blob_opens) == 1, (
         f"the shared blob stays one cookie while the anchor lives: expected 1 OPEN, got {len(blob_opens)}\n"
-        + env.render())
-    env.mounts.umount(a)
+        + fault_env.render())
+    fault_env.mounts.umount(a)
 
 
-def test_last_member_leaves_while_another_joins(env, tiny_images, kmsg, artifacts):
+def test_last_member_leaves_while_another_joins(fault_env, tiny_images, kmsg, artifacts):
     """Two threads alternate in a domain without an anchor, so the domain (and its fscache
     volume) is torn down by one while the other re-creates it. The race is there when one
     thread's umount (of the domain's last member: the other thread has unmounted its own)
@@ -206,7 +206,7 @@ def test_last_member_leaves_while_another_joins(env, tiny_images, kmsg, artifact
     report = []
     while race.more():
         names = {k: [unique(f"h{k}-") for _ in range(HANDOVER_ITERATIONS)] for k in range(2)}
-        serve_members(env, image, blob, [n for v in names.values() for n in v])
+        serve_members(fault_env, image, blob, [n for v in names.values() for n in v])
         tally, timeline = Tally(), Timeline()
 
         def worker(k: int, names=names, tally=tally, timeline=timeline) -> None:
@@ -223,7 +223,7 @@ def test_last_member_leaves_while_another_joins(env, tiny_images, kmsg, artifact
         report += [summary, *tally.problems, *tally.slow]
         (artifacts / "stress.txt").write_text("\n".join(report) + "\n\n" + timeline.render(limit=400) + "\n")
         assert not stuck, f"threads still running after {TIME_LIMIT:.0f} s: {stuck}\n{summary}\n" + fscache_tables()
-        assert not tally.problems, (f"{summary}\n" + "\n".join(tally.problems[:30]) + "\n" + env.render() + "\n"
+        assert not tally.problems, (f"{summary}\n" + "\n".join(tally.problems[:30]) + "\n" + fault_env.render() + "\n"
                                     + fscache_tables())
         assert not tally.slow, ("slow mounts (fscache volume collision?):\n" + "\n".join(tally.slow) + "\n"
                                 + fscache_tables())
@@ -234,7 +234,7 @@ def test_last_member_leaves_while_another_joins(env, tiny_images, kmsg, artifact
     assert not collisions, "volume collisions logged:\n" + "\n".join(map(str, collisions))
 
 
-def test_parallel_readers_of_one_uncached_range(env, tiny_images, kmsg, artifacts):
+def test_parallel_readers_of_one_uncached_range(fault_env, tiny_images, kmsg, artifacts):
     """N threads read the same uncached file while its READ is slow: identical, right bytes.
     A round races when the daemon's log shows the delayed READ and at least two readers were
     blocked while it was outstanding; a round without it is reported and repeated."""
@@ -246,17 +246,17 @@ def test_parallel_readers_of_one_uncached_range(env, tiny_images, kmsg, artifact
     while race.more():
         rnd = race.tried
         fsid, blob = unique("pr"), unique("pblob")
-        serve_members(env, image, blob, [fsid])
-        m = env.mounts.mount_erofs(fsid, devices=[blob])
+        serve_members(fault_env, image, blob, [fsid])
+        m = fault_env.mounts.mount_erofs(fsid, devices=[blob])
         path = FILES[rnd % len(FILES)]
-        env.control.delay(SLOW_READ, op="READ", cookie=blob, once=True)
-        mark = len(env.requests())
+        fault_env.control.delay(SLOW_READ, op="READ", cookie=blob, once=True)
+        mark = len(fault_env.requests())
         readers = [Reader(m.path / path.lstrip("/")) for _ in range(PARALLEL_READERS)]
         stuck = run_threads(readers, 30)
-        assert not stuck, f"readers still blocked: {stuck}\n{env.render()}"
+        assert not stuck, f"readers still blocked: {stuck}\n{fault_env.render()}"
         digests = {sha(r.result.data) if r.result.data is not None else errname(r.result.errno) for r in readers}
-        env.window.wait_idle()
-        reads = [r for r in env.requests()[mark:] if r["op"] == "READ" and r["cookie_key"] == blob]
+        fault_env.window.wait_idle()
+        reads = [r for r in fault_env.requests()[mark:] if r["op"] == "READ" and r["cookie_key"] == blob]
         slow = [r for r in reads if "delay" in (r.get("fault") or "").split(",")]
         # the daemon logs a READ when it completed it; it received it SLOW_READ s earlier
         pending = Span("daemon", "slow READ", slow[0]["t"] - SLOW_READ, slow[0]["t"]) if slow else None
@@ -269,11 +269,11 @@ def test_parallel_readers_of_one_uncached_range(env, tiny_images, kmsg, artifact
         (artifacts / "parallel.txt").write_text(report + "\n" + "\n".join(race.notes) + "\n")
         assert digests == {image.manifest[path].sha256}, (
             f"round {rnd}: {PARALLEL_READERS} readers of {path} got {digests}, expected "
-            f"{image.manifest[path].sha256}\n{report}\n{env.render()}")
+            f"{image.manifest[path].sha256}\n{report}\n{fault_env.render()}")
         if not slow:
-            env.control.clear_faults()  # the delay was never taken: it must not hit a later READ
-        race.record(len(blocked) >= 2, report + "\n" + env.render())
-        env.mounts.umount(m)
+            fault_env.control.clear_faults()  # the delay was never taken: it must not hit a later READ
+        race.record(len(blocked) >= 2, report + "\n" + fault_env.render())
+        fault_env.mounts.umount(m)
     race.check()
 
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from fixtures import kmsg  # noqa: E402
-from fixtures.cache import CacheFs, wait_withdrawn  # noqa: E402
-from fixtures.mounts import MS_RDONLY, sys_mount, sys_umount  # noqa: E402
-from fixtures.ondemand.process import DaemonProcess  # noqa: E402
-from fixtures.process_utils import WaitTimeout, wait_for  # noqa: E402
+from erofs_domains.base.proc import WaitTimeout, wait_for  # noqa: E402
+from erofs_domains.guest import kmsg  # noqa: E402
+from erofs_domains.guest.fscache.cache import CacheFs, wait_withdrawn  # noqa: E402
+from erofs_domains.guest.mounts import MS_RDONLY, sys_mount, sys_umount  # noqa: E402
+from erofs_domains.programs.ondemand.process import DaemonProcess  # noqa: E402
 
 HANG = 10.0
 

@@ -2,7 +2,7 @@
 
     pytest tests/host --kernel /path/to/bzImage      # or EROFS_TEST_KERNEL=..., or --kernel-version 6.1
 
-Each probe runs on the kernels its rule (fixtures/kernel.py, bug_*) names, and is a declared skip
+Each probe runs on the kernels its rule (erofs_domains/guest/kernel_features.py, bug_*) names, and is a declared skip
 elsewhere; the shared-VM tests that would hit the bug skip on those kernels (require.not_bug()).
 
 A cookie key of 253..255 bytes passes fscache (<= 255) but hits
@@ -24,10 +24,12 @@ from pathlib import Path
 
 import pytest
 
+from erofs_domains.base import config, crash_patterns
+
 REPO = Path(__file__).resolve().parents[2]
 BUG_LINE = re.compile(r"kernel BUG at fs/cachefiles/key\.c:47")
 BUSY_LINE = re.compile(r"VFS: Busy inodes after unmount of erofs")
-OOPS_LINE = re.compile(r"general protection fault|BUG: unable to handle|Oops:|KASAN")
+OOPS_LINE = crash_patterns.CRASH_OR_SANITIZER
 NULL_DEREF_LINE = re.compile(r"NULL pointer dereference")
 CALL_TRACE_LINE = re.compile(r"erofs_\w+\+0x")
 PRIMARY_COOKIE_SCRIPT = REPO / "docs" / "known-bugs" / "erofs-6.1-shared-primary-cookie.sh"
@@ -35,25 +37,10 @@ REMOUNT_SHARE_SCRIPT = REPO / "docs" / "known-bugs" / "erofs-7.2-remount-inode-s
 VM_TIMEOUT = 300
 
 
-def in_vm() -> bool:
-    return os.environ.get("EROFS_TEST_IN_VM") == "1"
-
-
-@pytest.fixture
-def test_kernel(pytestconfig) -> Path:
-    if in_vm():
-        pytest.skip("crashes the kernel: runs only on the controller, in a VM of its own (pytest tests/host)")
-    k = pytestconfig.getoption("kernel", None) or os.environ.get("EROFS_TEST_KERNEL")
-    if not k or not Path(k).is_file():
-        pytest.skip("needs a test kernel: --kernel or EROFS_TEST_KERNEL")
-    return Path(k)
-
-
 def requires_bug(kernel: Path, rule: str) -> None:
     """Declared skip unless the kernel's release is in the range of known-bug rule `rule`."""
-    from vmtest.kernel import bzimage_release
-
-    from fixtures.kernel import RULES, parse_release
+    from erofs_domains.guest.kernel_features import RULES, parse_release
+    from erofs_domains.host.kernel_build import bzimage_release
 
     release = bzimage_release(kernel)
     if release is None:
@@ -63,7 +50,7 @@ def requires_bug(kernel: Path, rule: str) -> None:
 
 
 def console_path(name: str) -> Path:
-    results = Path(os.environ.get("EROFS_TEST_RESULTS") or REPO / "results") / "console"
+    results = config.current().results / "console"
     results.mkdir(parents=True, exist_ok=True)
     return results / f"{name}-{time.strftime('%H%M%S')}.log"
 
@@ -134,7 +121,7 @@ def test_device_naming_a_member_fsid_frees_inode_of_live_cookie(test_kernel):
         f"no busy inodes and no oops, but the reproducer did not finish (vm-run exit {rc}); console {console}\n"
         f"{summary}")
     pytest.fail(f"rule bug_shared_primary_inode says this kernel has the bug, but the reproducer ran clean: "
-                f"narrow the rule's range in fixtures/kernel.py\n{summary}", pytrace=False)
+                f"narrow the rule's range in erofs_domains/guest/kernel_features.py\n{summary}", pytrace=False)
 
 
 @pytest.mark.crashes_kernel
@@ -165,4 +152,4 @@ def test_remount_turning_inode_share_on_without_a_domain(test_kernel):
         f"no oops, but the file did not read back or the mount did not come down (vm-run exit {rc}); "
         f"console {console}\n{summary}")
     pytest.fail(f"rule bug_remount_inode_share says this kernel has the bug, but the reproducer ran clean: "
-                f"narrow the rule's range in fixtures/kernel.py\n{summary}", pytrace=False)
+                f"narrow the rule's range in erofs_domains/guest/kernel_features.py\n{summary}", pytrace=False)

@@ -1,6 +1,6 @@
 """Self-check of the VM wrapper on a real guest: a console that shows a kernel BUG ends the
 VM within seconds, with the BUG lines, even though the guest would go on for ten minutes
-(tools/vmtest/guard.py; the unit tests check the same with a fake qemu).
+(erofs_domains/host/guard.py; the unit tests check the same with a fake qemu).
 
 The guest writes the BUG's first and last lines to /dev/kmsg itself, as printk would: the
 kernel under test is not broken for this."""

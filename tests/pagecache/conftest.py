@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.paths import work_root
+from erofs_domains.base.scratch import work_root
 
 
 @pytest.fixture(autouse=True)
@@ -34,8 +34,7 @@ class ImageStore:
         self.built: dict = {}
 
     def __getitem__(self, name: str):
-        from fixtures.pagecache import images
-        from tests.pagecache import image_set
+        from erofs_domains.guest.pagecache import image_set, images
 
         if name not in self.built:
             self.built[name] = images.build(self.root / f"{name}.erofs", **image_set.recipes()[name])
@@ -46,8 +45,8 @@ class ImageStore:
 def pc_store(require):
     """One ext4 filesystem per VM holding the images (built in the guest, once)."""
     require.pagecache_options()
-    from fixtures.cache import CacheFs
-    from fixtures.plugin import unique
+    from erofs_domains.base.names import unique
+    from erofs_domains.guest.fscache.cache import CacheFs
 
     fs = CacheFs.create(unique("pcstore"), 256)
     yield fs
@@ -63,7 +62,7 @@ def pc_images(pc_store):
 def domain():
     """`domain("d1")` -> a domain id unique to this test that keeps prefix relations between names
     (another test's shared inodes can linger in the page cache: never reuse a domain id)."""
-    from fixtures.plugin import unique
+    from erofs_domains.base.names import unique
 
     tag = unique("t")
     return lambda name="d": f"{tag}-{name}"
@@ -71,8 +70,8 @@ def domain():
 
 @pytest.fixture
 def pc_mounts(kmsg):
-    from fixtures.pagecache.mounts import PcMountTable
-    from fixtures.plugin import unique
+    from erofs_domains.base.names import unique
+    from erofs_domains.guest.pagecache.mounts import PcMountTable
 
     table = PcMountTable(root=work_root() / "pcmnt" / unique("t"), kmsg=kmsg)
     yield table
@@ -88,7 +87,7 @@ def pc_mounts(kmsg):
 @pytest.fixture
 def sharing(pc_mounts, kmsg):
     """A scenario: mounts, reads and drops done on the kernel and in the oracle; `check()`."""
-    from fixtures.pagecache.harness import Sharing
+    from erofs_domains.guest.pagecache.harness import Sharing
 
     s = Sharing(pc_mounts, kmsg)
     yield s
@@ -104,7 +103,7 @@ def sharing(pc_mounts, kmsg):
 
 @pytest.fixture
 def io_trace(require):
-    from fixtures.pagecache.probe import IoTrace
+    from erofs_domains.guest.pagecache.probe import IoTrace
 
     require.erofs_trace()
     t = IoTrace()

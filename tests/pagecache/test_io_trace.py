@@ -7,7 +7,7 @@ import os
 import pytest
 from tabulate import tabulate
 
-from fixtures.pagecache.oracle import RULES
+from erofs_domains.guest.pagecache.oracle import RULES
 
 
 def inode_names(sharing):

@@ -4,7 +4,7 @@ that only a wrong key construction would make equal."""
 
 import pytest
 
-from tests.pagecache import image_set
+from erofs_domains.guest.pagecache import image_set
 
 
 @pytest.mark.parametrize("first,second", [

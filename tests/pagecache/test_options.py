@@ -1,13 +1,13 @@
-"""Mount options around inode_share, against fixtures/pagecache/rules.py, and O_DIRECT."""
+"""Mount options around inode_share, against erofs_domains/guest/pagecache/rules.py, and O_DIRECT."""
 
 import errno
 import re
 
 import pytest
 
-from fixtures.mounts import MountError, mountinfo
-from fixtures.pagecache import probe
-from fixtures.pagecache.rules import RULE_TEXT, KernelSide, mount_outcome
+from erofs_domains.guest.mounts import MountError, mountinfo
+from erofs_domains.guest.pagecache import probe
+from erofs_domains.guest.pagecache.rules import RULE_TEXT, KernelSide, mount_outcome
 
 
 @pytest.fixture

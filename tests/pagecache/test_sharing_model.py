@@ -1,22 +1,20 @@
 """Model-based: random mount/umount/remount/read/DONTNEED/drop_caches sequences over plain, twin,
 compressed and other images, loop-device and file-backed mounts, domains d and d1 (one a
 prefix of the other) and mounts without sharing, compared after every step with the oracle
-(fixtures/pagecache/oracle.py): the file operations each file got and the pages resident in
+(erofs_domains/guest/pagecache/oracle.py): the file operations each file got and the pages resident in
 each mount, and every read's data.
 
 Each example gets fresh domain ids and ends with everything unmounted. Hypothesis:
 deadline=None (a VM under TCG), derandomized when $CI is set, no shrinking; a failure shows
 the operations, tables and rule."""
 
-import os
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
-from fixtures.pagecache.harness import Sharing
+from erofs_domains.guest.pagecache.harness import Sharing
 
 MAX_EXAMPLES = 12
 STEPS = 8
@@ -92,15 +90,10 @@ def test_sharing_matches_the_model(pc_mounts, pc_images, kmsg, domain):
             for m in list(self.s.by_name.values()):
                 self.s.umount(m)
 
-    ci = bool(os.environ.get("CI"))
-    from hypothesis.database import DirectoryBasedExampleDatabase
+    from fixtures.plugin import model_database, model_derandomized
 
-    from fixtures.plugin import RESULTS
-
-    db_path = Path(os.environ.get("EROFS_TEST_RESULTS") or RESULTS) / "hypothesis-pagecache"
-    db_path.mkdir(parents=True, exist_ok=True)
     run_state_machine_as_test(SharingMachine, settings=settings(
-        max_examples=MAX_EXAMPLES, stateful_step_count=STEPS, deadline=None, derandomize=ci,
-        database=None if ci else DirectoryBasedExampleDatabase(str(db_path)),
+        max_examples=MAX_EXAMPLES, stateful_step_count=STEPS, deadline=None, derandomize=model_derandomized(),
+        database=model_database("hypothesis-pagecache"),
         phases=[Phase.explicit, Phase.reuse, Phase.generate],
         suppress_health_check=list(HealthCheck), report_multiple_bugs=False, print_blob=False))

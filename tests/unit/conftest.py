@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
-from fixtures.ondemand.client import DaemonControl
-from fixtures.ondemand.daemon import OnDemandDaemon
+from erofs_domains.base import config
+from erofs_domains.programs.ondemand.client import DaemonControl
+from erofs_domains.programs.ondemand.daemon import OnDemandDaemon
 from tests.unit.fake_device import PAGE, FakeKernel, Harness
 
 # Property tests of pure functions: no per-example deadline and no too_slow health check (a
@@ -24,6 +25,15 @@ from tests.unit.fake_device import PAGE, FakeKernel, Harness
 settings.register_profile("unit", deadline=None, suppress_health_check=[HealthCheck.too_slow],
                           derandomize=bool(os.environ.get("CI")))
 settings.load_profile("unit")
+
+
+@pytest.fixture(autouse=True)
+def fresh_run_config():
+    """Each test reads the run configuration from the environment as it (monkeypatch) left it:
+    a setting is resolved once per process, and a unit test stands for a fresh process."""
+    config.forget()
+    yield
+    config.forget()
 
 
 @pytest.fixture
@@ -63,24 +73,24 @@ def start(tmp_path, sockdir, blobs):
         out = io.StringIO()
         thread = threading.Thread(target=daemon.run, args=(out,), daemon=True)
         thread.start()
-        h = Harness(daemon, kernel, DaemonControl(opts["control_path"], timeout=10),
+        harness = Harness(daemon, kernel, DaemonControl(opts["control_path"], timeout=10),
                     Path(opts["log_path"]), tmp_path, thread, out, completions, exits)
-        started.append(h)
+        started.append(harness)
         deadline = time.monotonic() + 5
         while "\n" not in out.getvalue() and thread.is_alive() and time.monotonic() < deadline:
             time.sleep(0.01)
-        return h
+        return harness
 
     yield _start
-    for h in started:
-        h.stop()
+    for harness in started:
+        harness.stop()
 
 
 @pytest.fixture
-def h(start) -> Harness:
-    h = start()
-    assert h.ready.getvalue() == f"READY {os.getpid()}\n"
-    if not h.daemon.device.bound:
-        assert [h.kernel.recv() for _ in range(3)] == [
-            f"dir {h.tmp / 'cache'}".encode(), b"tag t", b"bind ondemand"]
-    return h
+def harness(start) -> Harness:
+    harness = start()
+    assert harness.ready.getvalue() == f"READY {os.getpid()}\n"
+    if not harness.daemon.device.bound:
+        assert [harness.kernel.recv() for _ in range(3)] == [
+            f"dir {harness.tmp / 'cache'}".encode(), b"tag t", b"bind ondemand"]
+    return harness

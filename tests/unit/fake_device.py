@@ -5,7 +5,7 @@ daemon's read(), each of the daemon's write()s (commands, copen) arrives as one 
 Anonymous fds are real fds of this process (the daemon runs in a thread) or, for the CLI
 tests, fds passed to the child at the same number; READ targets are O_DIRECT files, so
 alignment mistakes fail the way they would on the kernel's anon fd. The fixtures that start
-a daemon on it (``start``, ``h``, ``blobs``, ``sockdir``) are in tests/unit/conftest.py.
+a daemon on it (``start``, ``harness``, ``blobs``, ``sockdir``) are in tests/unit/conftest.py.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.ondemand import protocol as P
-from fixtures.ondemand.client import DaemonControl
-from fixtures.ondemand.daemon import OnDemandDaemon
-from fixtures.ondemand.reqlog import read_request_log
+from erofs_domains.programs.ondemand import protocol as P
+from erofs_domains.programs.ondemand.client import DaemonControl
+from erofs_domains.programs.ondemand.daemon import OnDemandDaemon
+from erofs_domains.programs.ondemand.reqlog import read_request_log
 
 REPO = Path(__file__).resolve().parents[2]
 DAEMON = REPO / "tools" / "ondemand-daemon"

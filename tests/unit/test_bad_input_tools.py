@@ -1,4 +1,4 @@
-"""Every tool, and the suite's pytest options, refuse bad input first (tools/vmtest/validate.py).
+"""Every tool, and the suite's pytest options, refuse bad input first (erofs_domains/host/validate.py).
 
 Each case runs the tool as a user would, with $EROFS_TEST_CACHE an empty directory of its own,
 and asserts: a non-zero status, one line that names what is wrong (and what would be right),
@@ -24,9 +24,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 TOOLS = REPO / "tools"
-sys.path.insert(0, str(TOOLS))
 
-from vmtest import validate  # noqa: E402
+from erofs_domains.host import validate  # noqa: E402
 
 CPU_BOUND = 5.0  # seconds of CPU for a refusal, the tool and its children together
 WALL_BOUND = 60.0  # a loaded machine (builds beside us) may stretch the wall clock, not the CPU
@@ -324,7 +323,7 @@ def test_cache_list_creates_nothing(scratch):
 
 def test_cache_list_names_every_folder_of_its_own(scratch):
     """Every folder the suite writes into its cache root has a row (two were missing)."""
-    from vmtest import cachegc
+    from erofs_domains.host import cachegc
 
     written = ["launch", "kernels", "kbuild", "images", "probes", "erofs-utils", "src", "apt", "farms", "bisect",
                "erofs-utils-trees", "results", "tox-venv"]
@@ -368,10 +367,12 @@ def test_outcome_table_without_any_venv_says_how_to_get_one(scratch):
     if python is None or probe.returncode == 0:
         pytest.skip("no system python3 without the tests' packages")
     copy = scratch.root / "checkout"
-    (copy / "tools" / "vmtest").mkdir(parents=True)
+    (copy / "tools").mkdir(parents=True)
+    (copy / "erofs_domains" / "host").mkdir(parents=True)
     shutil.copy2(TOOLS / "outcome-table", copy / "tools")
+    (copy / "erofs_domains" / "__init__.py").write_text("")
     for name in ("__init__.py", "deps.py", "validate.py"):
-        shutil.copy2(TOOLS / "vmtest" / name, copy / "tools" / "vmtest")
+        shutil.copy2(REPO / "erofs_domains" / "host" / name, copy / "erofs_domains" / "host")
     scratch.before = tree(scratch.root)
     o = refused(scratch, [python, str(copy / "tools" / "outcome-table")], "create tox's environment first "
                 "(`tools/tox -e unit --notest`)", {"PYTHONDONTWRITEBYTECODE": "1"})
@@ -481,7 +482,7 @@ def test_ondemand_daemon_refuses(scratch, args, says):
     (["--kernel", "{S}/fakebz", "--console-log", "{S}/no/x.log", "--", "true"], "the directory {S}/no does not",
      None),
     (["--kernel", "{S}/fakebz"], "give a command after --, or --shell", None),
-    (["--kernel", "{S}/fakebz", "--", "true"], "$EROFS_TEST_VM_LIFETIME: '4h' is not a number",
+    (["--kernel", "{S}/fakebz", "--", "true"], "$EROFS_TEST_VM_LIFETIME='4h' is not a number",
      {"EROFS_TEST_VM_LIFETIME": "4h"}),
 ], ids=ident)
 def test_vm_run_refuses(scratch, args, says, env):
@@ -560,9 +561,12 @@ def test_pytest_options_refused_before_anything(scratch, args, says, env):
 
 
 def test_pytest_bad_timeout_is_a_usage_error(scratch):
-    """pytest's own usage error (its usage lines, then the one that says what is wrong)."""
-    refused(scratch, PYTEST + ["tests/unit/test_kmsg.py"], "'abc' is not a number; want seconds > 0 (from "
-            "--test-timeout or $EROFS_TEST_TIMEOUT)", {"EROFS_TEST_TIMEOUT": "abc"}, one_line=False, cwd=REPO)
+    """From the environment: one line (it was a traceback). On the command line: pytest's own
+    usage error (its usage lines, then the one that says what is wrong)."""
+    refused(scratch, PYTEST + ["tests/unit/test_kmsg.py"], "ERROR: $EROFS_TEST_TIMEOUT='abc' is not a number",
+            {"EROFS_TEST_TIMEOUT": "abc"}, cwd=REPO)
+    refused(scratch, PYTEST + ["--test-timeout", "0", "tests/unit/test_kmsg.py"], "argument --test-timeout: 0 is "
+            "not > 0; want seconds > 0", one_line=False, cwd=REPO)
 
 
 @pytest.mark.parametrize("paths, named, not_named", [

@@ -1,4 +1,4 @@
-"""fixtures/blobserver/ on loopback, no namespace: the registry paths, single ranges and
+"""erofs_domains/programs/blobserver/ on loopback, no namespace: the registry paths, single ranges and
 416, keep-alive, the counters, the admin API (HTTP and Unix socket) and every fault mode."""
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fixtures.blobserver.blobs import blob_path, blob_url, publish
-from fixtures.blobserver.client import BlobServerClient, BlobServerError
-from fixtures.blobserver.faults import FAULT_MODES
-from fixtures.blobserver.process import BlobServerProcess
-from fixtures.blobserver.ranges import ByteRange, Unsatisfiable, parse_range
-from fixtures.blobserver.server import BlobServer
-from fixtures.process_utils import cmd
+from erofs_domains.base.proc import cmd
+from erofs_domains.programs.blobserver.blobs import blob_path, blob_url, publish
+from erofs_domains.programs.blobserver.client import BlobServerClient, BlobServerError
+from erofs_domains.programs.blobserver.faults import FAULT_MODES
+from erofs_domains.programs.blobserver.process import BlobServerProcess
+from erofs_domains.programs.blobserver.ranges import ByteRange, Unsatisfiable, parse_range
+from erofs_domains.programs.blobserver.server import BlobServer
 
 REPO = Path(__file__).resolve().parents[2]
 SIZE = 100_000
@@ -312,13 +312,14 @@ def test_process_reports_a_failed_start(tmp_path):
 
 
 def test_cli_help():
-    r = cmd([sys.executable, "-m", "fixtures.blobserver", "--help"], cwd=REPO, timeout=60)
+    r = cmd([sys.executable, "-m", "erofs_domains.programs.blobserver", "--help"], cwd=REPO, timeout=60)
     for opt in ("--root", "--listen", "--admin-socket", "--publish"):
         assert opt in r.stdout
 
 
 def test_sigint_stops_too(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "fixtures.blobserver", "--root", str(tmp_path)], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "erofs_domains.programs.blobserver", "--root", str(tmp_path)],
+                            cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
         assert proc.stdout.readline().startswith(b"READY http://127.0.0.1:")

@@ -2,17 +2,17 @@
 
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from fixtures.process_utils import cmd
+from erofs_domains.base.proc import cmd
+from erofs_domains.host import deps
+from erofs_domains.host import kernel_build as kernel
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tools"))
-
-from vmtest import deps, kernel  # noqa: E402
 
 
 def fragment_lines(name="ondemand.config"):
@@ -155,3 +155,20 @@ def test_ikconfig_from_a_built_image():
     assert cfg is not None and cfg.get("CONFIG_IKCONFIG") == "y"
     release = kernel.bzimage_release(images[-1])
     assert release and re.match(r"\d+\.\d+", release), release
+
+
+def test_every_list_of_series_is_the_one_table():
+    """KERNELS (erofs_domains/host/kernel_build.py) defines the series; .ci/run asks
+    tools/build-kernel --list-series, and tox's matrix env and the workflow's job matrix
+    name each series of it, in its order."""
+    series = list(kernel.KERNELS)
+    listed = subprocess.run([str(REPO / "tools" / "build-kernel"), "--list-series"], capture_output=True, text=True,
+                            check=True, timeout=60).stdout.split()
+    assert listed == series
+    assert "tools/build-kernel --list-series" in (REPO / ".ci" / "run").read_text()
+    tox = (REPO / "tox.ini").read_text()
+    matrix = tox[tox.index("[testenv:matrix]"):].split("\n[", 1)[0]
+    assert re.findall(r"--leg vm .*?--kernel-version (\S+)", matrix) == series
+    assert re.findall(r"--leg host --kernel-version (\S+)", matrix) == series
+    workflow = (REPO / ".github" / "workflows" / "fscache.yml").read_text()
+    assert re.search(r"kernel: \[(.*)\]", workflow).group(1) == ", ".join(f'"{s}"' for s in series)

@@ -1,7 +1,5 @@
-"""tools/vmtest/cachegc.py and tools/cache: the cache root stays bounded.
-
-Before: nothing pruned ~/.cache/erofs-fscache-tests (a launch script per boot, every
-kernel, build directory and image ever built)."""
+"""erofs_domains/host/cachegc.py and tools/cache: the cache root stays bounded (launch
+scripts, kernels, build directories and images are pruned, the recent ones kept)."""
 
 from __future__ import annotations
 
@@ -12,9 +10,9 @@ import sys
 import time
 from pathlib import Path
 
+from erofs_domains.host import cachegc
+
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tools"))
-from vmtest import cachegc  # noqa: E402
 
 NOW = 1_800_000_000.0
 DAY = cachegc.DAY

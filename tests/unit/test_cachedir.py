@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fixtures.observe.cachedir import (
+from erofs_domains.guest.observe.cachedir import (
     CACHE_XATTR,
     KEY_MAX,
     CacheDirListing,

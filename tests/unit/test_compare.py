@@ -1,5 +1,5 @@
-"""Comparing two kernels' runs (tools/vmtest/compare.py), the observables recorder's pure parts
-(fixtures/record.py), patch series and farms (tools/vmtest/variants.py) and the bisect search."""
+"""Comparing two kernels' runs (erofs_domains/host/compare.py), the observables recorder's pure parts
+(fixtures/record.py), patch series and farms (erofs_domains/host/variants.py) and the bisect search."""
 
 import json
 import os
@@ -10,11 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
-
-from vmtest import bisect, compare, variants  # noqa: E402
-
-from fixtures import record  # noqa: E402
+from erofs_domains.guest import observables
+from erofs_domains.host import bisection, compare, variants
+from fixtures import record
 
 DATA = Path(__file__).parent / "data" / "compare"
 T1 = "tests/fscache/test_domains.py::test_shared_domain_fetches_base_once[2]"
@@ -128,7 +126,7 @@ def test_long_moved_lists_are_cut_in_text_not_in_json():
 
 # ----------------------------------------------------------------- recorder (pure parts)
 def test_normalizer_numbers_unique_names_per_prefix_and_hides_fanout():
-    n = record.Normalizer()
+    n = observables.Normalizer()
     assert n("fsid=d123x45,domain_id=d123x46") == "fsid=d#1,domain_id=d#2"
     assert n("cache/Ierofs,d123x45/@3f/Dblob") == "cache/Ierofs,d#1/@../Dblob"
     assert n("t7x1 and cache8x2") == "t#1 and cache#1"
@@ -145,7 +143,7 @@ def test_daemon_counts_per_blob():
             {"op": "READ", "volume_key": "erofs,d5x1", "cookie_key": "base", "len": 8192},
             {"op": "CLOSE", "volume_key": "erofs,d5x1", "cookie_key": "base"},
             {"op": "COPEN_REPLY"}]
-    assert record.daemon_counts(reqs, record.Normalizer()) == {
+    assert observables.daemon_counts(reqs, observables.Normalizer()) == {
         "daemon OPEN erofs,d#1/base": 1, "daemon READ erofs,d#1/base": "2 x, 12288 B",
         "daemon CLOSE erofs,d#1/base": 1}
 
@@ -153,8 +151,8 @@ def test_daemon_counts_per_blob():
 def test_stats_delta_leaves_out_timers_and_gauges():
     before = {"Acquire": {"n": 3, "ok": 3}, "LRU": {"n": 1, "at": 500}, "Cookies": {"n": 2}}
     after = {"Acquire": {"n": 5, "ok": 5}, "LRU": {"n": 4, "at": 10}, "Cookies": {"n": 0}}
-    assert record.stats_delta(before, after) == {"stats Acquire.n": 2, "stats Acquire.ok": 2}
-    assert record.stats_delta(None, after) == {}
+    assert observables.stats_delta(before, after) == {"stats Acquire.n": 2, "stats Acquire.ok": 2}
+    assert observables.stats_delta(None, after) == {}
 
 
 def test_failure_rule_first_line():
@@ -176,7 +174,8 @@ def test_failure_detail_keeps_an_xfails_console_lines():
 
 
 def test_declared_skips_are_read_from_the_rule_tables_own_messages():
-    from fixtures.kernel import KernelFeatures, Requirements
+    from erofs_domains.guest.kernel_features import KernelFeatures
+    from fixtures.requirements import Requirements
 
     config = {"CONFIG_EROFS_FS_ONDEMAND": "y", "CONFIG_CACHEFILES_ONDEMAND": "y"}
     reasons = []
@@ -240,14 +239,14 @@ def test_log_lines_are_explained_by_the_rule_that_words_them():
 
 
 def test_normalizer_numbers_encoded_cache_names_and_cookie_debug_ids():
-    n = record.Normalizer()
+    n = observables.Normalizer()
     assert n("cache/Ierofs,m3-12x4/@7f/Dm3-12x4") == "cache/Ierofs,m3-#1/@../Dm3-#1"
     assert n("cache/Ierofs,c-bad-magic-12x5/@0a/E1PpjcU9jdLw70") == "cache/Ierofs,c-bad-magic-#1/@../E#1"
     assert n("x/@../E#1") == "x/@../E#1"
     padded = "fsid=k12x3kkkkkkkk,domain_id=d12x4"
     assert n(padded) == "fsid=k#1k+,domain_id=d#1" == n(padded)
-    assert record.Normalizer()("fsid=k1x3kkkkkkkkkk") == "fsid=k#1k+"  # one pid digit less, more filler
-    assert record.Normalizer().kmsg("netfs: O-cookie c=00000023 [fl=6134]") == "netfs: O-cookie c=<hex> [fl=6134]"
+    assert observables.Normalizer()("fsid=k1x3kkkkkkkkkk") == "fsid=k#1k+"  # one pid digit less, more filler
+    assert observables.Normalizer().kmsg("netfs: O-cookie c=00000023 [fl=6134]") == "netfs: O-cookie c=<hex> [fl=6134]"
 
 
 def test_observables_file_next_to_junit():
@@ -385,12 +384,12 @@ def test_a_series_that_does_not_apply_names_the_message(farm_env):
 
 # ----------------------------------------------------------------- bisect search
 def run_search(n: int, first_bad: int, skip=()) -> tuple[list[int], list[int]]:
-    s = bisect.Search([f"c{i}" for i in range(n)])
+    s = bisection.Search([f"c{i}" for i in range(n)])
     order = []
     while (i := s.next()) is not None:
         order.append(i)
         verdict = "skip" if i in skip else ("bad" if i >= first_bad else "good")
-        s.steps[i] = bisect.Step(f"c{i}", verdict)
+        s.steps[i] = bisection.Step(f"c{i}", verdict)
     return s.culprits(), order
 
 
@@ -413,14 +412,14 @@ def test_search_steps_around_commits_that_do_not_build():
 # ----------------------------------------------------------------- recorder through pytest-xdist
 FAKE_TESTS = '''
 import errno
-from fixtures import record
+from erofs_domains.guest import observables
 
 def test_mounts_pass():
-    record.mount_result("fsid=app1,domain_id=d12x7", 0)
-    record.mount_result("fsid=app2,domain_id=d12x7", errno.ENOBUFS)
+    observables.mount_result("fsid=app1,domain_id=d12x7", 0)
+    observables.mount_result("fsid=app2,domain_id=d12x7", errno.ENOBUFS)
 
 def test_rule_fails():
-    record.mount_result("fsid=x,domain_id=d12x9", 0)
+    observables.mount_result("fsid=x,domain_id=d12x9", 0)
     raise AssertionError("RULE BROKEN: shared domain: one OPEN for d12x9\\nthe tables")
 '''
 
@@ -446,7 +445,7 @@ def test_observables_reach_the_controller_through_xdist(tmp_path):
 
 
 def test_pytest_command_keeps_the_selection_and_adds_the_default_path(tmp_path):
-    from vmtest import suite_run
+    from erofs_domains.host import suite_run
 
     cmd = suite_run.pytest_command(Path("/k/bzImage"), tmp_path, ["-k", "domains"])
     assert cmd[-3:] == ["-k", "domains", "tests/fscache"]
@@ -456,7 +455,7 @@ def test_pytest_command_keeps_the_selection_and_adds_the_default_path(tmp_path):
 
 
 def test_names_with_a_suffix_and_old_records_are_normalised():
-    n = record.Normalizer()
+    n = observables.Normalizer()
     assert n("domain_id=x74x36d,domain_id=x74x36d1") == "domain_id=x#1d,domain_id=x#1d1"
     runs = compare.parse_runs([json.dumps({"nodeid": "t", "outcome": "passed", "rule": None,
                                            "observables": {"mount 1": "domain_id=x72x36d -> OK",
@@ -530,7 +529,8 @@ def test_compare_kernels_reruns_differences_and_probes_known_bugs(tmp_path, monk
     """The tool's sequence with a fake runner: first runs, a rerun per --reruns of only the tests
     that differ (not what the rule table declares), the known bug's probe on the side that skipped it."""
     ck = _compare_kernels_module()
-    from vmtest import kernel, suite_run
+    from erofs_domains.host import kernel_build as kernel
+    from erofs_domains.host import suite_run
 
     images = {"A": tmp_path / "a" / "bzImage", "B": tmp_path / "b" / "bzImage"}
     monkeypatch.setattr(kernel, "bzimage_release", lambda p: "6.1.192" if p == images["A"] else "6.12.117")
@@ -583,3 +583,11 @@ def test_compare_kernels_reruns_differences_and_probes_known_bugs(tmp_path, monk
             "1 confirmed, 1 flaky (1 found flaky earlier and not rerun again)") in md
     assert "| file_backed_mount" in md and "general protection fault" in md
     assert "| ondemand_deprecated" in md
+
+
+def test_a_plain_unified_diff_is_a_series(tmp_path):
+    """`diff -u` output starts with `--- a/...` on its first line: still a patch, never a bzImage."""
+    patch = tmp_path / "break.patch"
+    patch.write_text("--- a/fs/erofs/fscache.c\n+++ b/fs/erofs/fscache.c\n@@ -1 +1 @@\n-x\n+y\n")
+    assert variants.is_series(patch)
+    assert variants.parse_side(str(patch), variants.Side("A", version="6.12"), "B").patches == [patch]

@@ -15,17 +15,17 @@ import time
 
 import pytest
 
-from fixtures.ondemand import holder
-from fixtures.ondemand import protocol as P
-from fixtures.ondemand.client import (
+from erofs_domains.base.proc import cmd, wait_for
+from erofs_domains.programs.ondemand import holder
+from erofs_domains.programs.ondemand import protocol as P
+from erofs_domains.programs.ondemand.client import (
     DaemonControl,
     DaemonControlError,
     DaemonDeadError,
     DaemonStartError,
     wait_ready,
 )
-from fixtures.ondemand.reqlog import read_request_log
-from fixtures.process_utils import cmd, wait_for
+from erofs_domains.programs.ondemand.reqlog import read_request_log
 from tests.unit.fake_device import (
     DAEMON,
     PAGE,
@@ -39,89 +39,89 @@ from tests.unit.fake_device import (
 
 # --------------------------------------------------------------------------- startup
 
-def test_binds_then_reports_ready(h):
-    assert h.ctl.ping() == os.getpid()
-    h.kernel.expect_nothing()
+def test_binds_then_reports_ready(harness):
+    assert harness.ctl.ping() == os.getpid()
+    harness.kernel.expect_nothing()
 
 
 def test_injected_bound_fd_writes_restore(start):
-    h = start(dev_fd_bound=True)
-    assert h.ready.getvalue().startswith("READY ")
-    assert h.kernel.recv() == b"restore"
+    harness = start(dev_fd_bound=True)
+    assert harness.ready.getvalue().startswith("READY ")
+    assert harness.kernel.recv() == b"restore"
 
 
 def test_bind_failure_reports_error(start):
     kernel = FakeKernel()
     kernel.sock.close()  # every write now fails with EPIPE
-    h = start(dev_fd=kernel.dev_fd)
-    h.thread.join(5)
-    assert h.ready.getvalue().startswith(f"ERROR {errno.EPIPE} 'dir ")
-    assert not os.path.exists(h.ctl.path)
+    harness = start(dev_fd=kernel.dev_fd)
+    harness.thread.join(5)
+    assert harness.ready.getvalue().startswith(f"ERROR {errno.EPIPE} 'dir ")
+    assert not os.path.exists(harness.ctl.path)
 
 
 # --------------------------------------------------------------------------- OPEN / CLOSE
 
-def test_open_known_blob_copens_its_size_and_sets_cloexec(h):
+def test_open_known_blob_copens_its_size_and_sets_cloexec(harness):
     reader, anon = pipe_anon()
-    msg_id, obj = h.kernel.open("blob1", anon)
-    assert h.kernel.recv() == b"copen %d,10000" % msg_id
-    h.ctl.wait_idle()
+    msg_id, obj = harness.kernel.open("blob1", anon)
+    assert harness.kernel.recv() == b"copen %d,10000" % msg_id
+    harness.ctl.wait_idle()
     assert not os.get_inheritable(anon)
     assert not anon_closed(reader)
-    st = h.ctl.status()
+    st = harness.ctl.status()
     assert st["objects"] == {str(obj): "blob1"}
     assert st["counts"]["OPEN"] == 1 and st["in_flight"] == 0
-    (entry,) = h.entries()
+    (entry,) = harness.entries()
     assert entry["op"] == "OPEN" and entry["reply"] == f"copen {msg_id},10000"
     assert (entry["volume_key"], entry["cookie_key"], entry["errno"]) == ("erofs,dom", "blob1", None)
 
 
-def test_open_unknown_blob_fails_with_enoent_and_closes_fd(h):
-    assert h.open_failed("nosuchblob") == b"copen {id},-2"
+def test_open_unknown_blob_fails_with_enoent_and_closes_fd(harness):
+    assert harness.open_failed("nosuchblob") == b"copen {id},-2"
 
 
-def test_close_releases_the_anon_fd(h):
+def test_close_releases_the_anon_fd(harness):
     reader, anon = pipe_anon()
-    _, obj = h.kernel.open("blob2", anon)
-    h.kernel.recv()
-    h.kernel.close(obj)
-    h.ctl.wait_idle()
+    _, obj = harness.kernel.open("blob2", anon)
+    harness.kernel.recv()
+    harness.kernel.close(obj)
+    harness.ctl.wait_idle()
     assert anon_closed(reader)
-    assert h.ctl.status()["objects"] == {}
-    close = h.entries("CLOSE")[0]
+    assert harness.ctl.status()["objects"] == {}
+    close = harness.entries("CLOSE")[0]
     assert (close["object_id"], close["cookie_key"], close["reply"]) == (obj, "blob2", "none")
-    h.kernel.expect_nothing()  # CLOSE has no reply
+    harness.kernel.expect_nothing()  # CLOSE has no reply
 
 
-def test_malformed_messages_are_logged_and_survived(h):
-    h.kernel.send(b"\x01\x02\x03")
-    h.kernel.send(P.encode_header(5, P.OP_CLOSE, 99, 1))
-    h.kernel.send(P.encode_header(6, 42, 16, 1))
+def test_malformed_messages_are_logged_and_survived(harness):
+    harness.kernel.send(b"\x01\x02\x03")
+    harness.kernel.send(P.encode_header(5, P.OP_CLOSE, 99, 1))
+    harness.kernel.send(P.encode_header(6, 42, 16, 1))
     _reader, anon = pipe_anon()
-    msg_id, _ = h.kernel.open("blob1", anon)
-    assert h.kernel.recv() == b"copen %d,10000" % msg_id
-    h.ctl.wait_idle()
-    bad = h.entries("MALFORMED")
+    msg_id, _ = harness.kernel.open("blob1", anon)
+    assert harness.kernel.recv() == b"copen %d,10000" % msg_id
+    harness.ctl.wait_idle()
+    bad = harness.entries("MALFORMED")
     assert [e["msg_id"] for e in bad] == [None, 5, 6]
     assert "truncated header" in bad[0]["error"] and bad[0]["raw"] == "010203"
     assert "unknown opcode 42" in bad[2]["error"]
-    assert h.ctl.status()["counts"]["MALFORMED"] == 3
+    assert harness.ctl.status()["counts"]["MALFORMED"] == 3
 
 
 # --------------------------------------------------------------------------- READ
 
-def test_read_fills_aligned_range_with_padded_tail(h, blobs):
-    anon = file_anon(h.tmp / "obj1")
-    _, obj = h.kernel.open("blob1", anon)
-    h.kernel.recv()
-    msg_id = h.kernel.read(obj, 0, PAGE)
-    assert h.completion() == (anon, msg_id)
-    h.ctl.wait_idle()
-    data = (h.tmp / "obj1").read_bytes()
+def test_read_fills_aligned_range_with_padded_tail(harness, blobs):
+    anon = file_anon(harness.tmp / "obj1")
+    _, obj = harness.kernel.open("blob1", anon)
+    harness.kernel.recv()
+    msg_id = harness.kernel.read(obj, 0, PAGE)
+    assert harness.completion() == (anon, msg_id)
+    harness.ctl.wait_idle()
+    data = (harness.tmp / "obj1").read_bytes()
     # fill_granularity 16 KiB, clipped at round_up(10000, 4096) = 12288
     assert len(data) == 12288
     assert data[:10000] == blobs[1]["blob1"] and data[10000:] == bytes(2288)
-    read = h.entries("READ")[0]
+    read = harness.entries("READ")[0]
     assert (read["off"], read["len"], read["bytes_written"]) == (0, PAGE, 12288)
     assert (read["reply"], read["errno"]) == ("read_complete", None)
 
@@ -133,14 +133,14 @@ def test_read_writes_page_aligned_buffers_in_few_calls(start, blobs):
         calls.append((off, [len(b) for b in bufs], [buffer_address(b) for b in bufs]))
         return os.pwritev(fd, bufs, off)
 
-    h = start(pwritev=pwritev, fill_granularity=2**20)
-    anon = file_anon(h.tmp / "big")
-    _, obj = h.kernel.open("big", anon)
-    h.kernel.recv()
+    harness = start(pwritev=pwritev, fill_granularity=2**20)
+    anon = file_anon(harness.tmp / "big")
+    _, obj = harness.kernel.open("big", anon)
+    harness.kernel.recv()
     for off, length in ((0, PAGE), (2**20 + 8192, 3 * PAGE), (3 * 2**20, PAGE)):
-        h.kernel.read(obj, off, length)
-        h.completion()
-    h.ctl.wait_idle()
+        harness.kernel.read(obj, off, length)
+        harness.completion()
+    harness.ctl.wait_idle()
     assert [c[0] for c in calls] == [0, 2**20 + 8192, 3 * 2**20]
     for off, lengths, addrs in calls:
         assert off % PAGE == 0
@@ -149,7 +149,7 @@ def test_read_writes_page_aligned_buffers_in_few_calls(start, blobs):
     assert calls[0][1] == [2**20]                  # filled to the 1 MiB boundary
     assert calls[1][1] == [2**20 - 8192]
     assert calls[2][1] == [PAGE]                   # the padded tail page only
-    data = (h.tmp / "big").read_bytes()
+    data = (harness.tmp / "big").read_bytes()
     blob = blobs[1]["big"]
     assert data[:2**20] == blob[:2**20]
     assert data[2**20:2**20 + 8192] == bytes(8192)     # never requested
@@ -157,30 +157,30 @@ def test_read_writes_page_aligned_buffers_in_few_calls(start, blobs):
     assert data[3 * 2**20:] == blob[3 * 2**20:] + bytes(PAGE - 123)
 
 
-def _boot(h):
-    assert h.ready.getvalue() == f"READY {os.getpid()}\n"
-    assert [h.kernel.recv() for _ in range(3)][2] == b"bind ondemand"
+def _boot(harness):
+    assert harness.ready.getvalue() == f"READY {os.getpid()}\n"
+    assert [harness.kernel.recv() for _ in range(3)][2] == b"bind ondemand"
 
 
 def test_prefetch_fills_the_next_granules_and_reads_inside_them_write_nothing(start, blobs):
-    h = start(fill_granularity=2**20, prefetch=2)
-    _boot(h)
-    anon = file_anon(h.tmp / "big")
-    _, obj = h.kernel.open("big", anon)
-    h.kernel.recv()
-    h.kernel.read(obj, 0, PAGE)
-    h.completion()
-    h.ctl.wait_idle()
-    assert [(e["off"], e["len"], e["bytes_written"]) for e in h.entries("PREFETCH")] == [
+    harness = start(fill_granularity=2**20, prefetch=2)
+    _boot(harness)
+    anon = file_anon(harness.tmp / "big")
+    _, obj = harness.kernel.open("big", anon)
+    harness.kernel.recv()
+    harness.kernel.read(obj, 0, PAGE)
+    harness.completion()
+    harness.ctl.wait_idle()
+    assert [(e["off"], e["len"], e["bytes_written"]) for e in harness.entries("PREFETCH")] == [
         (2**20, 2**20, 2**20), (2 * 2**20, 2**20, 2**20)]
-    h.kernel.read(obj, 2**20 + 8192, PAGE)        # inside a prefetched granule
-    h.completion()
-    h.ctl.wait_idle()
-    second = h.entries("READ")[1]
+    harness.kernel.read(obj, 2**20 + 8192, PAGE)        # inside a prefetched granule
+    harness.completion()
+    harness.ctl.wait_idle()
+    second = harness.entries("READ")[1]
     assert (second["bytes_written"], second.get("note")) == (0, "already in the cache file")
     # its own prefetch: [2M, 3M) is there already, the tail page is not
-    assert [(e["off"], e["bytes_written"]) for e in h.entries("PREFETCH")][2:] == [(3 * 2**20, PAGE)]
-    assert (h.tmp / "big").read_bytes() == blobs[1]["big"] + bytes(PAGE - 123)
+    assert [(e["off"], e["bytes_written"]) for e in harness.entries("PREFETCH")][2:] == [(3 * 2**20, PAGE)]
+    assert (harness.tmp / "big").read_bytes() == blobs[1]["big"] + bytes(PAGE - 123)
 
 
 def test_a_read_inside_a_range_being_prefetched_waits_for_it_and_writes_nothing(start, blobs):
@@ -194,208 +194,208 @@ def test_a_read_inside_a_range_being_prefetched_waits_for_it_and_writes_nothing(
         events.append(("written", off))
         return n
 
-    h = start(fill_granularity=2**20, prefetch=1, pwritev=pwritev,
+    harness = start(fill_granularity=2**20, prefetch=1, pwritev=pwritev,
               read_complete=lambda fd, msg_id: events.append(("complete", msg_id)))
-    _boot(h)
-    anon = file_anon(h.tmp / "big")
-    _, obj = h.kernel.open("big", anon)
-    h.kernel.recv()
-    first = h.kernel.read(obj, 0, PAGE)
+    _boot(harness)
+    anon = file_anon(harness.tmp / "big")
+    _, obj = harness.kernel.open("big", anon)
+    harness.kernel.recv()
+    first = harness.kernel.read(obj, 0, PAGE)
     wait_for(lambda: events, what="the prefetch to start writing [1M, 2M)", timeout=5, step=0.01,
              until=lambda ev: ("write", 2**20) in ev, show=lambda ev: repr(list(ev)))
-    second = h.kernel.read(obj, 2**20 + PAGE, PAGE)
-    h.ctl.wait_idle()
+    second = harness.kernel.read(obj, 2**20 + PAGE, PAGE)
+    harness.ctl.wait_idle()
     assert events.count(("write", 2**20)) == 1, events       # written once, by the prefetch
     assert events.index(("complete", second)) > events.index(("written", 2**20)), events
     assert ("complete", first) in events
-    assert h.entries("READ")[1]["bytes_written"] == 0
+    assert harness.entries("READ")[1]["bytes_written"] == 0
 
 
-def test_size_override_serves_zeros_beyond_the_blob(h, blobs):
-    h.ctl.size_override("blob2", 5 * PAGE)
-    anon = file_anon(h.tmp / "obj2")
-    msg_id, obj = h.kernel.open("blob2", anon)
-    assert h.kernel.recv() == b"copen %d,20480" % msg_id
-    h.kernel.read(obj, 2 * PAGE, 3 * PAGE)
-    h.completion()
-    data = (h.tmp / "obj2").read_bytes()
+def test_size_override_serves_zeros_beyond_the_blob(harness, blobs):
+    harness.ctl.size_override("blob2", 5 * PAGE)
+    anon = file_anon(harness.tmp / "obj2")
+    msg_id, obj = harness.kernel.open("blob2", anon)
+    assert harness.kernel.recv() == b"copen %d,20480" % msg_id
+    harness.kernel.read(obj, 2 * PAGE, 3 * PAGE)
+    harness.completion()
+    data = (harness.tmp / "obj2").read_bytes()
     assert data[2 * PAGE:3 * PAGE] == blobs[1]["blob2"][2 * PAGE:]
     assert data[3 * PAGE:] == bytes(2 * PAGE)
-    h.ctl.size_override("blob2", None)
+    harness.ctl.size_override("blob2", None)
     _reader, anon = pipe_anon()
-    msg_id, _ = h.kernel.open("blob2", anon)
-    assert h.kernel.recv() == b"copen %d,12288" % msg_id
+    msg_id, _ = harness.kernel.open("blob2", anon)
+    assert harness.kernel.recv() == b"copen %d,12288" % msg_id
 
 
-def test_read_for_unknown_object_is_logged(h):
-    h.kernel.read(77, 0, PAGE)
-    h.ctl.wait_idle()
-    (read,) = h.entries("READ")
+def test_read_for_unknown_object_is_logged(harness):
+    harness.kernel.read(77, 0, PAGE)
+    harness.ctl.wait_idle()
+    (read,) = harness.entries("READ")
     assert (read["object_id"], read["errno"], read["reply"]) == (77, errno.EBADF, "none")
-    assert h.completions.empty()
+    assert harness.completions.empty()
 
 
-def test_slow_read_does_not_block_others(h):
-    slow = file_anon(h.tmp / "slow")
-    fast = file_anon(h.tmp / "fast")
-    _, slow_obj = h.kernel.open("big", slow)
-    h.kernel.recv()
-    _, fast_obj = h.kernel.open("blob1", fast)
-    h.kernel.recv()
-    h.ctl.delay(1.0, op="READ", cookie="big")
-    slow_msg = h.kernel.read(slow_obj, 0, PAGE)
-    fast_msg = h.kernel.read(fast_obj, 0, PAGE)
-    assert h.completion(timeout=0.8) == (fast, fast_msg)
-    assert h.completion(timeout=3) == (slow, slow_msg)
+def test_slow_read_does_not_block_others(harness):
+    slow = file_anon(harness.tmp / "slow")
+    fast = file_anon(harness.tmp / "fast")
+    _, slow_obj = harness.kernel.open("big", slow)
+    harness.kernel.recv()
+    _, fast_obj = harness.kernel.open("blob1", fast)
+    harness.kernel.recv()
+    harness.ctl.delay(1.0, op="READ", cookie="big")
+    slow_msg = harness.kernel.read(slow_obj, 0, PAGE)
+    fast_msg = harness.kernel.read(fast_obj, 0, PAGE)
+    assert harness.completion(timeout=0.8) == (fast, fast_msg)
+    assert harness.completion(timeout=3) == (slow, slow_msg)
 
 
-def test_close_during_read_keeps_fd_until_the_read_is_done(h, blobs):
-    anon = file_anon(h.tmp / "obj")
-    _, obj = h.kernel.open("blob2", anon)
-    h.kernel.recv()
-    h.ctl.delay(0.3, op="READ", once=True)
-    msg_id = h.kernel.read(obj, 0, PAGE)
-    h.kernel.close(obj)
-    assert h.completion() == (anon, msg_id)
-    h.ctl.wait_idle()
-    assert h.entries("READ")[0]["errno"] is None
-    assert (h.tmp / "obj").read_bytes() == blobs[1]["blob2"]
+def test_close_during_read_keeps_fd_until_the_read_is_done(harness, blobs):
+    anon = file_anon(harness.tmp / "obj")
+    _, obj = harness.kernel.open("blob2", anon)
+    harness.kernel.recv()
+    harness.ctl.delay(0.3, op="READ", once=True)
+    msg_id = harness.kernel.read(obj, 0, PAGE)
+    harness.kernel.close(obj)
+    assert harness.completion() == (anon, msg_id)
+    harness.ctl.wait_idle()
+    assert harness.entries("READ")[0]["errno"] is None
+    assert (harness.tmp / "obj").read_bytes() == blobs[1]["blob2"]
     with pytest.raises(OSError):
         os.fstat(anon)  # closed after the read finished
 
 
 # --------------------------------------------------------------------------- faults
 
-def test_fail_open_once_then_normal(h):
-    h.ctl.fail_open(errno.EIO, cookie="blob1", once=True)
+def test_fail_open_once_then_normal(harness):
+    harness.ctl.fail_open(errno.EIO, cookie="blob1", once=True)
     readers = []
     for cookie, expect in (("blob2", b"12288"), ("blob1", b"-5"), ("blob1", b"10000")):
         reader, anon = pipe_anon()
         readers.append(reader)
-        msg_id, _ = h.kernel.open(cookie, anon)
-        assert h.kernel.recv() == b"copen %d,%s" % (msg_id, expect)
-    h.ctl.wait_idle()
+        msg_id, _ = harness.kernel.open(cookie, anon)
+        assert harness.kernel.recv() == b"copen %d,%s" % (msg_id, expect)
+    harness.ctl.wait_idle()
     assert [anon_closed(r) for r in readers] == [False, True, False]
-    assert h.entries("OPEN")[1]["fault"] == "fail_open"
+    assert harness.entries("OPEN")[1]["fault"] == "fail_open"
 
 
-def test_fail_open_accepts_errno_names_and_rejects_nonsense(h):
-    assert h.ctl.fault("fail_open", errno="EACCES")["errno"] == errno.EACCES
+def test_fail_open_accepts_errno_names_and_rejects_nonsense(harness):
+    assert harness.ctl.fault("fail_open", errno="EACCES")["errno"] == errno.EACCES
     with pytest.raises(DaemonControlError, match="errno in 1..4095"):
-        h.ctl.fail_open(5000)
+        harness.ctl.fail_open(5000)
     with pytest.raises(DaemonControlError, match="unknown fault"):
-        h.ctl.fault("explode")
+        harness.ctl.fault("explode")
 
 
-def test_copen_raw_octal_opens_with_the_parsed_size(h):
-    h.ctl.copen_raw("copen {id},010", once=True)
+def test_copen_raw_octal_opens_with_the_parsed_size(harness):
+    harness.ctl.copen_raw("copen {id},010", once=True)
     _reader, anon = pipe_anon()
-    msg_id, obj = h.kernel.open("blob1", anon)
-    assert h.kernel.recv() == b"copen %d,010" % msg_id
-    h.ctl.wait_idle()
-    assert h.ctl.status()["objects"] == {str(obj): "blob1"}
-    assert h.entries("OPEN")[0]["reply"] == f"copen {msg_id},010"
+    msg_id, obj = harness.kernel.open("blob1", anon)
+    assert harness.kernel.recv() == b"copen %d,010" % msg_id
+    harness.ctl.wait_idle()
+    assert harness.ctl.status()["objects"] == {str(obj): "blob1"}
+    assert harness.entries("OPEN")[0]["reply"] == f"copen {msg_id},010"
 
 
-def test_copen_raw_rejected_falls_back_to_a_proper_copen(h):
-    h.ctl.copen_raw("copen x,{size}", once=True)
+def test_copen_raw_rejected_falls_back_to_a_proper_copen(harness):
+    harness.ctl.copen_raw("copen x,{size}", once=True)
     _reader, anon = pipe_anon()
-    msg_id, _ = h.kernel.open("blob1", anon)
-    assert h.kernel.recv() == b"copen x,10000"
-    assert h.kernel.recv() == b"copen %d,10000" % msg_id
-    h.ctl.copen_raw("copen {id}", once=True, fallback=False)
+    msg_id, _ = harness.kernel.open("blob1", anon)
+    assert harness.kernel.recv() == b"copen x,10000"
+    assert harness.kernel.recv() == b"copen %d,10000" % msg_id
+    harness.ctl.copen_raw("copen {id}", once=True, fallback=False)
     reader2, anon2 = pipe_anon()
-    msg_id2, _ = h.kernel.open("blob1", anon2)
-    assert h.kernel.recv() == b"copen %d" % msg_id2
-    h.kernel.expect_nothing()
-    h.ctl.wait_idle()
-    assert h.ctl.status()["orphan_fds"] == 1   # the kernel's OPEN stays pending
+    msg_id2, _ = harness.kernel.open("blob1", anon2)
+    assert harness.kernel.recv() == b"copen %d" % msg_id2
+    harness.kernel.expect_nothing()
+    harness.ctl.wait_idle()
+    assert harness.ctl.status()["orphan_fds"] == 1   # the kernel's OPEN stays pending
     assert not anon_closed(reader2)
 
 
-def test_copen_raw_bad_size_fails_the_open_and_closes_fd(h):
-    h.ctl.copen_raw("copen {id},abc", once=True)
-    assert h.open_failed("blob1") == b"copen {id},abc"
+def test_copen_raw_bad_size_fails_the_open_and_closes_fd(harness):
+    harness.ctl.copen_raw("copen {id},abc", once=True)
+    assert harness.open_failed("blob1") == b"copen {id},abc"
 
 
-def test_fail_read_skip_data_completes_without_writing(h):
-    anon = file_anon(h.tmp / "obj")
-    _, obj = h.kernel.open("blob1", anon)
-    h.kernel.recv()
-    h.ctl.fail_read("skip_data", once=True)
-    msg_id = h.kernel.read(obj, 0, PAGE)
-    assert h.completion() == (anon, msg_id)
-    h.ctl.wait_idle()
-    assert (h.tmp / "obj").stat().st_size == 0
-    read = h.entries("READ")[0]
+def test_fail_read_skip_data_completes_without_writing(harness):
+    anon = file_anon(harness.tmp / "obj")
+    _, obj = harness.kernel.open("blob1", anon)
+    harness.kernel.recv()
+    harness.ctl.fail_read("skip_data", once=True)
+    msg_id = harness.kernel.read(obj, 0, PAGE)
+    assert harness.completion() == (anon, msg_id)
+    harness.ctl.wait_idle()
+    assert (harness.tmp / "obj").stat().st_size == 0
+    read = harness.entries("READ")[0]
     assert (read["bytes_written"], read["fault"]) == (0, "fail_read:skip_data")
 
 
-def test_fail_read_ignore_never_answers_and_does_not_block_wait_idle(h):
-    anon = file_anon(h.tmp / "obj")
-    _, obj = h.kernel.open("blob1", anon)
-    h.kernel.recv()
-    h.ctl.fail_read("ignore", cookie="blob1")
-    msg_id = h.kernel.read(obj, 0, PAGE)
-    h.ctl.wait_idle(timeout=5)
-    assert h.completions.empty()
-    assert h.ctl.status()["ignored"] == [msg_id]
-    h.ctl.clear_faults()
-    assert h.ctl.status()["faults"] == []
-    msg_id = h.kernel.read(obj, 0, PAGE)
-    assert h.completion() == (anon, msg_id)
+def test_fail_read_ignore_never_answers_and_does_not_block_wait_idle(harness):
+    anon = file_anon(harness.tmp / "obj")
+    _, obj = harness.kernel.open("blob1", anon)
+    harness.kernel.recv()
+    harness.ctl.fail_read("ignore", cookie="blob1")
+    msg_id = harness.kernel.read(obj, 0, PAGE)
+    harness.ctl.wait_idle(timeout=5)
+    assert harness.completions.empty()
+    assert harness.ctl.status()["ignored"] == [msg_id]
+    harness.ctl.clear_faults()
+    assert harness.ctl.status()["faults"] == []
+    msg_id = harness.kernel.read(obj, 0, PAGE)
+    assert harness.completion() == (anon, msg_id)
 
 
-def test_wait_idle_times_out_while_a_request_is_in_flight(h):
-    anon = file_anon(h.tmp / "obj")
-    _, obj = h.kernel.open("blob1", anon)
-    h.kernel.recv()
-    h.ctl.delay(1.0, op="READ", once=True)
-    h.kernel.read(obj, 0, PAGE)
+def test_wait_idle_times_out_while_a_request_is_in_flight(harness):
+    anon = file_anon(harness.tmp / "obj")
+    _, obj = harness.kernel.open("blob1", anon)
+    harness.kernel.recv()
+    harness.ctl.delay(1.0, op="READ", once=True)
+    harness.kernel.read(obj, 0, PAGE)
     time.sleep(0.1)
     with pytest.raises(DaemonControlError, match="not idle after 0.2s .*in_flight=1"):
-        h.ctl.wait_idle(timeout=0.2)
-    h.ctl.wait_idle(timeout=5)
-    assert h.completions.qsize() == 1
+        harness.ctl.wait_idle(timeout=0.2)
+    harness.ctl.wait_idle(timeout=5)
+    assert harness.completions.qsize() == 1
 
 
-def test_delay_open(h):
-    h.ctl.delay(0.4, op="OPEN", once=True)
+def test_delay_open(harness):
+    harness.ctl.delay(0.4, op="OPEN", once=True)
     _reader, anon = pipe_anon()
     t0 = time.monotonic()
-    h.kernel.open("blob1", anon)
-    h.kernel.recv()
+    harness.kernel.open("blob1", anon)
+    harness.kernel.recv()
     assert time.monotonic() - t0 >= 0.35
 
 
-def test_exit_abruptly_at_next_request(h):
-    h.ctl.exit_abruptly()
+def test_exit_abruptly_at_next_request(harness):
+    harness.ctl.exit_abruptly()
     _reader, anon = pipe_anon()
-    msg_id, _ = h.kernel.open("blob1", anon)
-    h.thread.join(5)
-    assert h.exits == [1]
-    assert h.kernel.recv() == b""   # device closed without a copen
-    (entry,) = h.entries()
+    msg_id, _ = harness.kernel.open("blob1", anon)
+    harness.thread.join(5)
+    assert harness.exits == [1]
+    assert harness.kernel.recv() == b""   # device closed without a copen
+    (entry,) = harness.entries()
     assert (entry["msg_id"], entry["reply"]) == (msg_id, "exit")
 
 
-def test_exit_abruptly_now_replies_first(h):
-    h.ctl.exit_abruptly(now=True)
-    h.thread.join(5)
-    assert h.exits == [1]
+def test_exit_abruptly_now_replies_first(harness):
+    harness.ctl.exit_abruptly(now=True)
+    harness.thread.join(5)
+    assert harness.exits == [1]
 
 
 # --------------------------------------------------------------------------- control channel
 
-def test_control_errors_are_reported(h, sockdir):
+def test_control_errors_are_reported(harness, sockdir):
     with pytest.raises(DaemonControlError, match="unknown command 'frobnicate'"):
-        h.ctl.call("frobnicate")
+        harness.ctl.call("frobnicate")
     with pytest.raises(DaemonControlError, match="missing parameter 'name'"):
-        h.ctl.call("add_blob", path="/x")
+        harness.ctl.call("add_blob", path="/x")
     with pytest.raises(DaemonControlError, match="not a regular file"):
-        h.ctl.add_blob("x", "/nonexistent")
+        harness.ctl.add_blob("x", "/nonexistent")
     with socket.socket(socket.AF_UNIX) as s:
-        s.connect(h.ctl.path)
+        s.connect(harness.ctl.path)
         s.sendall(b"{not json\n[1]\n")
         f = s.makefile("rb")
         assert not json.loads(f.readline())["ok"]
@@ -404,42 +404,42 @@ def test_control_errors_are_reported(h, sockdir):
         DaemonControl(str(sockdir / "nothing-here")).ping()
 
 
-def test_add_blob_at_runtime(h, tmp_path):
+def test_add_blob_at_runtime(harness, tmp_path):
     extra = tmp_path / "elsewhere.img"
     extra.write_bytes(b"x" * 5000)
-    h.ctl.add_blob("late", str(extra))
+    harness.ctl.add_blob("late", str(extra))
     _reader, anon = pipe_anon()
-    msg_id, _ = h.kernel.open("late", anon)
-    assert h.kernel.recv() == b"copen %d,5000" % msg_id
-    assert "late" in h.ctl.status()["blobs"]
+    msg_id, _ = harness.kernel.open("late", anon)
+    assert harness.kernel.recv() == b"copen %d,5000" % msg_id
+    assert "late" in harness.ctl.status()["blobs"]
 
 
-def test_cull_inuse_restore_commands(h):
-    (h.tmp / "cache" / "cache" / "Ierofs,dom").mkdir(parents=True)
+def test_cull_inuse_restore_commands(harness):
+    (harness.tmp / "cache" / "cache" / "Ierofs,dom").mkdir(parents=True)
     cwd = os.getcwd()
-    assert h.ctl.cull("Dblob1", "cache/Ierofs,dom") == 0
-    assert h.kernel.recv() == b"cull Dblob1"
-    assert h.ctl.inuse("Dblob1") == 0
-    assert h.kernel.recv() == b"inuse Dblob1"
-    assert h.ctl.restore() == 0
-    assert h.kernel.recv() == b"restore"
+    assert harness.ctl.cull("Dblob1", "cache/Ierofs,dom") == 0
+    assert harness.kernel.recv() == b"cull Dblob1"
+    assert harness.ctl.inuse("Dblob1") == 0
+    assert harness.kernel.recv() == b"inuse Dblob1"
+    assert harness.ctl.restore() == 0
+    assert harness.kernel.recv() == b"restore"
     assert os.getcwd() == cwd
     with pytest.raises(DaemonControlError, match="No such file"):
-        h.ctl.cull("x", "missing-dir")
+        harness.ctl.cull("x", "missing-dir")
     with pytest.raises(DaemonControlError, match="newline"):
-        h.ctl.cull("x\nbind")
+        harness.ctl.cull("x\nbind")
 
 
-def test_request_log_schema(h):
-    anon = file_anon(h.tmp / "obj")
-    _, obj = h.kernel.open("blob1", anon)
-    h.kernel.recv()
-    h.kernel.read(obj, 0, PAGE)
-    h.completion()
-    h.kernel.close(obj)
-    h.kernel.send(b"bad")
-    h.ctl.wait_idle()
-    entries = h.entries()
+def test_request_log_schema(harness):
+    anon = file_anon(harness.tmp / "obj")
+    _, obj = harness.kernel.open("blob1", anon)
+    harness.kernel.recv()
+    harness.kernel.read(obj, 0, PAGE)
+    harness.completion()
+    harness.kernel.close(obj)
+    harness.kernel.send(b"bad")
+    harness.ctl.wait_idle()
+    entries = harness.entries()
     assert [e["op"] for e in entries] == ["OPEN", "READ", "CLOSE", "MALFORMED"]
     keys = {"op", "msg_id", "object_id", "volume_key", "cookie_key", "off", "len", "reply",
             "errno", "bytes_written", "t", "wall"}
@@ -479,7 +479,7 @@ def test_cli_reports_bind_errors(tmp_path):
 
 def test_failover_through_the_holder(tmp_path, sockdir, blobs):
     hold = str(sockdir / "hold")
-    holder_proc = _spawn(["-m", "fixtures.ondemand.holder", "--socket", hold])
+    holder_proc = _spawn(["-m", "erofs_domains.programs.ondemand.holder", "--socket", hold])
     kernel = FakeKernel()
     try:
         wait_ready(holder_proc, timeout=20)
@@ -525,11 +525,11 @@ def test_hold_socket_hands_the_device_fd_to_the_holder(start, sockdir):
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        h = start(hold_socket=hold)
-        assert [h.kernel.recv() for _ in range(3)][-1] == b"bind ondemand"
+        harness = start(hold_socket=hold)
+        assert [harness.kernel.recv() for _ in range(3)][-1] == b"bind ondemand"
         copy = holder.get_fd(hold)
         os.write(copy, b"restore")        # the same device: the fake kernel sees it
-        assert h.kernel.recv() == b"restore"
+        assert harness.kernel.recv() == b"restore"
         os.close(copy)
         assert holder.ping(hold) == os.getpid()
         holder.drop_fd(hold)

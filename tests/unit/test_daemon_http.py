@@ -1,5 +1,5 @@
 """The on-demand daemon's HTTP blob backend against a fake /dev/cachefiles (see
-test_daemon_fake.py) and a real blob server on loopback (fixtures/blobserver/).
+test_daemon_fake.py) and a real blob server on loopback (erofs_domains/programs/blobserver/).
 
 What it promises: OPEN asks the server for the size (HEAD), a READ fetches the missing
 range rounded up to --fetch-granularity but never past the blob, nothing is cached by the
@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.blobserver.blobs import publish
-from fixtures.blobserver.client import BlobServerClient
-from fixtures.blobserver.server import BlobServer
-from fixtures.ondemand.__main__ import build_parser
-from fixtures.ondemand.client import DaemonControlError
-from fixtures.process_utils import cmd
+from erofs_domains.base.proc import cmd
+from erofs_domains.programs.blobserver.blobs import publish
+from erofs_domains.programs.blobserver.client import BlobServerClient
+from erofs_domains.programs.blobserver.server import BlobServer
+from erofs_domains.programs.ondemand.__main__ import build_parser
+from erofs_domains.programs.ondemand.client import DaemonControlError
 from tests.unit.fake_device import DAEMON, PAGE, anon_closed, file_anon, pipe_anon
 
 BIG = 300_000          # not a page multiple: the last page is partial
@@ -57,26 +57,26 @@ def registry(tmp_path):
 @pytest.fixture
 def hh(start, registry):
     """The daemon with the registry's blobs as --http-blob names, bound to a fake kernel."""
-    h = start(http_blobs=registry.urls, fetch_granularity=GRANULE, fetch_timeout=1.0)
-    assert [h.kernel.recv() for _ in range(3)][-1] == b"bind ondemand"
-    return h
+    harness = start(http_blobs=registry.urls, fetch_granularity=GRANULE, fetch_timeout=1.0)
+    assert [harness.kernel.recv() for _ in range(3)][-1] == b"bind ondemand"
+    return harness
 
 
-def open_object(h, cookie: str, name: str) -> tuple[int, int, Path]:
+def open_object(harness, cookie: str, name: str) -> tuple[int, int, Path]:
     """OPEN `cookie` with an O_DIRECT file as its anon fd; (anon fd, object_id, file)."""
-    path = h.tmp / name
+    path = harness.tmp / name
     anon = file_anon(path)
-    msg_id, obj = h.kernel.open(cookie, anon)
-    assert h.kernel.recv() == b"copen %d,%d" % (msg_id, BIG if cookie == "big" else 5000)
+    msg_id, obj = harness.kernel.open(cookie, anon)
+    assert harness.kernel.recv() == b"copen %d,%d" % (msg_id, BIG if cookie == "big" else 5000)
     return anon, obj, path
 
 
-def read(h, anon: int, obj: int, off: int, length: int = PAGE) -> dict:
+def read(harness, anon: int, obj: int, off: int, length: int = PAGE) -> dict:
     """One READ, answered; returns its request-log entry."""
-    msg_id = h.kernel.read(obj, off, length)
-    assert h.completion() == (anon, msg_id)
-    h.ctl.wait_idle()
-    return next(e for e in h.entries("READ") if e["msg_id"] == msg_id)
+    msg_id = harness.kernel.read(obj, off, length)
+    assert harness.completion() == (anon, msg_id)
+    harness.ctl.wait_idle()
+    return next(e for e in harness.entries("READ") if e["msg_id"] == msg_id)
 
 
 # --------------------------------------------------------------------------- OPEN
@@ -217,16 +217,16 @@ def test_a_stalled_server_times_out(hh, registry):
 
 
 def test_stop_does_not_wait_for_a_stalled_fetch(start, registry):
-    h = start(http_blobs=registry.urls, fetch_granularity=GRANULE, fetch_timeout=60.0)
-    [h.kernel.recv() for _ in range(3)]
-    anon, obj, _ = open_object(h, "big", "obj")
+    harness = start(http_blobs=registry.urls, fetch_granularity=GRANULE, fetch_timeout=60.0)
+    [harness.kernel.recv() for _ in range(3)]
+    anon, obj, _ = open_object(harness, "big", "obj")
     registry.client.fault("stall", seconds=60)
-    h.kernel.read(obj, 0, PAGE)
+    harness.kernel.read(obj, 0, PAGE)
     time.sleep(0.3)
     t0 = time.monotonic()
-    h.daemon.stop()
-    h.thread.join(10)
-    assert not h.thread.is_alive() and time.monotonic() - t0 < 3
+    harness.daemon.stop()
+    harness.thread.join(10)
+    assert not harness.thread.is_alive() and time.monotonic() - t0 < 3
 
 
 # --------------------------------------------------------------------------- configuration
@@ -237,7 +237,7 @@ def test_add_http_blob_at_runtime_and_validation(hh, registry):
     msg_id, _ = hh.kernel.open("late", anon)
     assert hh.kernel.recv() == b"copen %d,5000" % msg_id
     assert "late" in hh.ctl.status()["blobs"]
-    for bad in ("ftp://host/x", "http:///nohost", "http://h:99999/x"):
+    for bad in ("ftp://host/x", "http:///nohost", "http://harness:99999/x"):
         with pytest.raises(DaemonControlError, match="add_http_blob: .*(http://|port)"):
             hh.ctl.call("add_http_blob", name="bad", url=bad)
     (hh.tmp / "late.file").write_bytes(b"y" * 100)
@@ -248,7 +248,7 @@ def test_add_http_blob_at_runtime_and_validation(hh, registry):
 
 
 def test_constructor_checks_fetch_options(tmp_path):
-    from fixtures.ondemand.daemon import OnDemandDaemon
+    from erofs_domains.programs.ondemand.daemon import OnDemandDaemon
 
     with pytest.raises(ValueError, match="fetch_granularity"):
         OnDemandDaemon(str(tmp_path), fetch_granularity=1000)
@@ -257,9 +257,9 @@ def test_constructor_checks_fetch_options(tmp_path):
 
 
 def test_cli_options():
-    args = build_parser().parse_args(["--cache", "/c", "--http-blob", "a=http://h:8/v2/r/blobs/sha256:x",
+    args = build_parser().parse_args(["--cache", "/c", "--http-blob", "a=http://harness:8/v2/r/blobs/sha256:x",
                                       "--fetch-granularity", "128K", "--fetch-timeout", "2.5"])
-    assert args.http_blob == [("a", "http://h:8/v2/r/blobs/sha256:x")]
+    assert args.http_blob == [("a", "http://harness:8/v2/r/blobs/sha256:x")]
     assert (args.fetch_granularity, args.fetch_timeout) == (128 << 10, 2.5)
     defaults = build_parser().parse_args(["--cache", "/c"])
     assert (defaults.fetch_granularity, defaults.fetch_timeout) == (64 << 10, 10.0)
@@ -285,8 +285,8 @@ def test_fetches_across_a_veth_and_a_link_cut_times_out(start, tmp_path):
     """What tests/fscache/test_lazy_pull.py builds, minus the kernel: the server inside a
     network namespace, the daemon fetching over the veth; with the far end down a READ is
     completed without data after --fetch-timeout, and the daemon serves again once it is up."""
-    from fixtures import netns
-    from fixtures.blobserver.process import BlobServerProcess
+    from erofs_domains.programs import netns
+    from erofs_domains.programs.blobserver.process import BlobServerProcess
 
     if os.geteuid() != 0:
         pytest.skip("needs root (network namespaces, veth)")
@@ -300,16 +300,16 @@ def test_fetches_across_a_veth_and_a_link_cut_times_out(start, tmp_path):
                                    admin_socket=tmp_path.parent / f"adm-{os.getpid()}.sock")
         with server:
             url = server.blob_url(server.publish(tmp_path / "big.src"))
-            h = start(http_blobs={"big": url}, fetch_granularity=GRANULE, fetch_timeout=1.0)
-            [h.kernel.recv() for _ in range(3)]
-            anon, obj, path = open_object(h, "big", "obj")
-            assert read(h, anon, obj, 0)["errno"] is None
+            harness = start(http_blobs={"big": url}, fetch_granularity=GRANULE, fetch_timeout=1.0)
+            [harness.kernel.recv() for _ in range(3)]
+            anon, obj, path = open_object(harness, "big", "obj")
+            assert read(harness, anon, obj, 0)["errno"] is None
             with net.link_cut():
                 t0 = time.monotonic()
-                entry = read(h, anon, obj, GRANULE)
+                entry = read(harness, anon, obj, GRANULE)
                 assert 0.9 < time.monotonic() - t0 < 4
                 assert (entry["errno"], entry["bytes_written"]) == (errno.ETIMEDOUT, 0), entry
-            assert read(h, anon, obj, GRANULE)["errno"] is None
+            assert read(harness, anon, obj, GRANULE)["errno"] is None
             assert path.read_bytes() == data[:2 * GRANULE]
             st = server.client.stats()
             assert {e["peer"] for e in st["log"]} == {net.host_addr}

@@ -1,5 +1,5 @@
 """The pieces the daemon was split into, each on its own: the fault table, the request log's
-window, held READs answered through the one READ path, and `end_test` (fixtures/daemons.py)
+window, held READs answered through the one READ path, and `end_test` (erofs_domains/guest/fscache/daemons.py)
 on a daemon running against the fake device (tests/unit/fake_device.py)."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from fixtures.daemons import DaemonWindow, end_test
-from fixtures.ondemand import faults
-from fixtures.ondemand.protocol import copen
-from fixtures.ondemand.reqlog import RequestWindow, read_request_log
+from erofs_domains.guest.fscache.daemons import DaemonWindow, end_test
+from erofs_domains.programs.ondemand import faults
+from erofs_domains.programs.ondemand.protocol import copen
+from erofs_domains.programs.ondemand.reqlog import RequestWindow, read_request_log
 from tests.unit.fake_device import PAGE, file_anon, pipe_anon
 
 # --------------------------------------------------------------------------- the fault table
@@ -95,62 +95,62 @@ def test_window_keeps_unparsable_lines_and_leaves_out_a_torn_tail(tmp_path):
 # --------------------------------------------------------------------------- held READs
 
 
-def test_a_held_read_is_answered_late_through_the_read_path_without_data(h, blobs):
-    anon = file_anon(h.tmp / "obj")
-    _, obj = h.kernel.open("blob2", anon)
-    h.kernel.recv()
-    h.ctl.fail_read("ignore", cookie="blob2")
-    first, second = h.kernel.read(obj, 0, PAGE), h.kernel.read(obj, PAGE, PAGE)
-    h.ctl.wait_idle()
-    assert sorted(h.ctl.status()["ignored"]) == [first, second]
-    assert h.ctl.serve_ignored(msg_id=second, with_data=False) == {"served": [second], "errors": {}}
-    assert h.completion() == (anon, second)
-    assert os.path.getsize(h.tmp / "obj") == 0
-    (late,) = [e for e in h.entries("READ") if e["fault"] == "served_late:no_data"]
+def test_a_held_read_is_answered_late_through_the_read_path_without_data(harness, blobs):
+    anon = file_anon(harness.tmp / "obj")
+    _, obj = harness.kernel.open("blob2", anon)
+    harness.kernel.recv()
+    harness.ctl.fail_read("ignore", cookie="blob2")
+    first, second = harness.kernel.read(obj, 0, PAGE), harness.kernel.read(obj, PAGE, PAGE)
+    harness.ctl.wait_idle()
+    assert sorted(harness.ctl.status()["ignored"]) == [first, second]
+    assert harness.ctl.serve_ignored(msg_id=second, with_data=False) == {"served": [second], "errors": {}}
+    assert harness.completion() == (anon, second)
+    assert os.path.getsize(harness.tmp / "obj") == 0
+    (late,) = [e for e in harness.entries("READ") if e["fault"] == "served_late:no_data"]
     assert (late["msg_id"], late["bytes_written"], late["reply"]) == (second, 0, "read_complete")
-    assert h.ctl.status()["ignored"] == [first]
+    assert harness.ctl.status()["ignored"] == [first]
 
 
-def test_a_held_read_of_a_closed_object_is_reported(h):
+def test_a_held_read_of_a_closed_object_is_reported(harness):
     reader, anon = pipe_anon()
-    _, obj = h.kernel.open("blob1", anon)
-    h.kernel.recv()
-    h.ctl.fail_read("ignore")
-    msg_id = h.kernel.read(obj, 0, PAGE)
-    h.ctl.wait_idle()
-    h.kernel.close(obj)
-    h.ctl.wait_idle()
-    assert h.ctl.serve_ignored() == {"served": [], "errors": {str(msg_id): "object closed"}}
+    _, obj = harness.kernel.open("blob1", anon)
+    harness.kernel.recv()
+    harness.ctl.fail_read("ignore")
+    msg_id = harness.kernel.read(obj, 0, PAGE)
+    harness.ctl.wait_idle()
+    harness.kernel.close(obj)
+    harness.ctl.wait_idle()
+    assert harness.ctl.serve_ignored() == {"served": [], "errors": {str(msg_id): "object closed"}}
 
 
 # --------------------------------------------------------------------------- end_test
 
 
-def _window(h) -> DaemonWindow:
-    proc = SimpleNamespace(log_path=h.log_path, control=h.ctl, alive=True, cache_dir=h.tmp / "cache")
+def _window(harness) -> DaemonWindow:
+    proc = SimpleNamespace(log_path=harness.log_path, control=harness.ctl, alive=True, cache_dir=harness.tmp / "cache")
     return DaemonWindow(proc)
 
 
-def test_end_test_clears_faults_answers_held_reads_and_saves_the_slice(h, tmp_path):
-    anon = file_anon(h.tmp / "obj")
-    _, obj = h.kernel.open("blob2", anon)
-    h.kernel.recv()
-    h.ctl.wait_idle()
-    w = _window(h)
-    h.ctl.fail_read("ignore", cookie="blob2")
-    h.ctl.delay(5, op="OPEN")
-    msg_id = h.kernel.read(obj, 0, PAGE)
-    h.ctl.wait_idle()
+def test_end_test_clears_faults_answers_held_reads_and_saves_the_slice(harness, tmp_path):
+    anon = file_anon(harness.tmp / "obj")
+    _, obj = harness.kernel.open("blob2", anon)
+    harness.kernel.recv()
+    harness.ctl.wait_idle()
+    w = _window(harness)
+    harness.ctl.fail_read("ignore", cookie="blob2")
+    harness.ctl.delay(5, op="OPEN")
+    msg_id = harness.kernel.read(obj, 0, PAGE)
+    harness.ctl.wait_idle()
     assert end_test(w, tmp_path / "slice.jsonl") == []
-    st = h.ctl.status()
-    assert st["faults"] == [] and st["ignored"] == [] and h.completion() == (anon, msg_id)
+    st = harness.ctl.status()
+    assert st["faults"] == [] and st["ignored"] == [] and harness.completion() == (anon, msg_id)
     saved = [json.loads(line) for line in (tmp_path / "slice.jsonl").read_text().splitlines()]
     assert [(e["op"], e["fault"]) for e in saved] == [("READ", "fail_read:ignore"), ("READ", "served_late:no_data")]
 
 
-def test_end_test_fails_on_lines_that_are_not_requests(h):
-    w = _window(h)
-    with open(h.log_path, "a") as f:
+def test_end_test_fails_on_lines_that_are_not_requests(harness):
+    w = _window(harness)
+    with open(harness.log_path, "a") as f:
         f.write("garbage from nowhere\n")
     errors = end_test(w)
     assert errors and "'garbage from nowhere'" in errors[-1]
@@ -162,14 +162,14 @@ def test_a_held_read_whose_completion_fails_is_an_error_not_served(start, blobs)
     def refuse(fd, msg_id):
         raise OSError(errno.EINVAL, "no such READ")
 
-    h = start(read_complete=refuse)
-    h.kernel.recv(), h.kernel.recv(), h.kernel.recv()   # dir, tag, bind
-    anon = file_anon(h.tmp / "obj")
-    _, obj = h.kernel.open("blob2", anon)
-    h.kernel.recv()
-    h.ctl.fail_read("ignore", once=True)
-    msg_id = h.kernel.read(obj, 0, PAGE)
-    h.ctl.wait_idle()
-    assert h.ctl.serve_ignored() == {"served": [], "errors": {str(msg_id): os.strerror(errno.EINVAL)}}
-    (late,) = [e for e in h.entries("READ") if e["fault"] == "served_late"]
+    harness = start(read_complete=refuse)
+    harness.kernel.recv(), harness.kernel.recv(), harness.kernel.recv()   # dir, tag, bind
+    anon = file_anon(harness.tmp / "obj")
+    _, obj = harness.kernel.open("blob2", anon)
+    harness.kernel.recv()
+    harness.ctl.fail_read("ignore", once=True)
+    msg_id = harness.kernel.read(obj, 0, PAGE)
+    harness.ctl.wait_idle()
+    assert harness.ctl.serve_ignored() == {"served": [], "errors": {str(msg_id): os.strerror(errno.EINVAL)}}
+    (late,) = [e for e in harness.entries("READ") if e["fault"] == "served_late"]
     assert late["errno"] == errno.EINVAL and late["bytes_written"] == 3 * PAGE   # the whole blob

@@ -1,15 +1,11 @@
-"""tools/vmtest/debian.py: the mirror URI derived from apt sources, version ordering and the
+"""erofs_domains/host/debian.py: the mirror URI derived from apt sources, version ordering and the
 private apt configuration (pure: no apt-get runs here)."""
 
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
-
-from vmtest import debian  # noqa: E402
-from vmtest.debian import (  # noqa: E402
+from erofs_domains.host import debian
+from erofs_domains.host.debian import (
     MirrorNotFound,
     PrivateApt,
     debian_mirror_from_entries,

@@ -1,10 +1,17 @@
-"""fixtures/erofs_format.py: the one superblock parser, and ErofsMeta's checksum seal."""
+"""erofs_domains/guest/erofs_format.py: the one superblock parser, and ErofsMeta's checksum seal."""
 
 from __future__ import annotations
 
 import struct
 
-from fixtures.erofs_format import COMPAT_SB_CHKSUM, EROFS_MAGIC, EROFS_SUPER_OFFSET, ErofsMeta, crc32c, parse_superblock
+from erofs_domains.guest.erofs_format import (
+    COMPAT_SB_CHKSUM,
+    EROFS_MAGIC,
+    EROFS_SUPER_OFFSET,
+    ErofsMeta,
+    crc32c,
+    parse_superblock,
+)
 
 
 def _image(root_nid: int = 36, meta_blkaddr: int = 2, compat: int = COMPAT_SB_CHKSUM) -> bytearray:

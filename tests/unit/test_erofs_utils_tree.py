@@ -5,7 +5,7 @@ tools/plug-into-erofs-utils, the tree built as erofs-utils builds itself, its ma
 mkfs (same version string, different output) and a wrapper mkfs.
 
 The bundle is $EROFS_TEST_UPSTREAM_BUNDLE, else ../shared/upstream/erofs-utils.bundle next to
-this repository, else /work/shared/upstream/erofs-utils.bundle; without it these tests skip
+this repository; without it these tests skip
 (fail under CI).  Built trees are kept in <cache>/erofs-utils-trees/<branch> and reused: the
 first run builds two trees (about a minute each on 2 cores), later runs take seconds.
 """
@@ -18,13 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from fixtures import erofs_tools, kernel
-from fixtures.images import ImageFactory
+from erofs_domains.base import erofs_tools
+from erofs_domains.base.cache_dir import cache_root
+from erofs_domains.guest import kernel_features as kernel
+from erofs_domains.guest.images import ImageFactory
+from erofs_domains.host import erofs_utils_build as erofs_utils
+from erofs_domains.host import variants
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tools"))
-from vmtest import erofs_utils, variants  # noqa: E402
-from vmtest.paths import cache_root  # noqa: E402
 
 PLUG = REPO / "tools" / "plug-into-erofs-utils"
 SUITE_DIR = "shared-domain"
@@ -32,8 +33,7 @@ HARNESS_BRANCH = "experimental-tests-fscache"
 
 
 def _bundle() -> Path | None:
-    for cand in (os.environ.get("EROFS_TEST_UPSTREAM_BUNDLE"), REPO.parent / "shared/upstream/erofs-utils.bundle",
-                 "/work/shared/upstream/erofs-utils.bundle"):
+    for cand in (os.environ.get("EROFS_TEST_UPSTREAM_BUNDLE"), REPO.parent / "shared/upstream/erofs-utils.bundle"):
         if cand and Path(cand).is_file():
             return Path(cand)
     return None

@@ -1,4 +1,4 @@
-"""fixtures/ondemand/process.py: the exit status of a daemon forked from the fork server.
+"""erofs_domains/programs/ondemand/process.py: the exit status of a daemon forked from the fork server.
 
 The watchdog kills a hung test's daemon and waits for it while the test itself waits for it
 too. The fork server sends the status once; two threads reading it raced, and the loser's EOF
@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from fixtures.ondemand.process import ForkedDaemon
+from erofs_domains.programs.ondemand.process import ForkedDaemon
 
 
 def _sleep_forever():

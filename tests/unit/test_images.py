@@ -1,4 +1,4 @@
-"""fixtures/images.py (with content_tree.py, manifest.py, dump_erofs.py) on the host: seeded
+"""erofs_domains/guest/images.py (with content_tree.py, manifest.py, dump_erofs.py) on the host: seeded
 trees, manifests, and images checked with fsck.erofs / dump.erofs (no mounts, no special
 kernel).
 
@@ -20,14 +20,15 @@ from pathlib import Path
 
 import pytest
 
-from fixtures import images, manifest
-from fixtures.content_tree import BLOCK_SIZE, FIXED_MTIME, PROFILES, ContentTree
-from fixtures.dump_erofs import parse_dump_inode, parse_dump_ls, parse_dump_superblock
-from fixtures.erofs_format import EROFS_MAGIC, EROFS_SUPER_OFFSET, parse_superblock, read_superblock
-from fixtures.erofs_tools import Tools
-from fixtures.images import ErofsImage, ImageFactory, run_fsck
-from fixtures.manifest import REBUILD_ROOT_MODE, Entry, Manifest, Mismatch
-from fixtures.process_utils import cmd
+from erofs_domains.base import erofs_tools
+from erofs_domains.base.erofs_tools import Tools
+from erofs_domains.base.proc import cmd
+from erofs_domains.guest import images, manifest
+from erofs_domains.guest.content_tree import BLOCK_SIZE, FIXED_MTIME, PROFILES, ContentTree
+from erofs_domains.guest.dump_erofs import parse_dump_inode, parse_dump_ls, parse_dump_superblock
+from erofs_domains.guest.erofs_format import EROFS_MAGIC, EROFS_SUPER_OFFSET, parse_superblock, read_superblock
+from erofs_domains.guest.images import ErofsImage, ImageFactory, run_fsck
+from erofs_domains.guest.manifest import REBUILD_ROOT_MODE, Entry, Manifest, Mismatch
 
 REPO = Path(__file__).resolve().parents[2]
 SEED = 20250520
@@ -326,13 +327,20 @@ def test_extracted_content_matches_manifest(built, fsck, layout, tmp_path):
 
 @pytest.mark.parametrize("bug,layout", [("empty xattr value", "single"), ("trailing hole", "blobdev")])
 def test_known_fsck_extract_bugs(built, fsck, tmp_path, bug, layout):
-    """Passes once fsck.erofs extracts these correctly; xfails while the bug is there."""
+    """xfails while the known bug is there (erofs_tools.KNOWN_TOOL_BUGS); fails once a release
+    the table says has it extracts correctly (the table must then name the fixing release), and
+    when a release after the fix shows it again."""
     img = built[layout]
     run_fsck(fsck, img, extract=tmp_path / "x")
     known, _ = _split_known_fsck_bugs(img, tmp_path / "x", img.manifest.verify(tmp_path / "x"))
     hits = [str(m) for kind, m in known if kind == bug]
-    if hits:
-        pytest.xfail(f"fsck.erofs --extract bug ({bug}): {hits[0]}")
+    version = erofs_tools.version(fsck)
+    if erofs_tools.has_known_bug(bug, version):
+        if hits:
+            pytest.xfail(f"fsck.erofs --extract bug ({bug}): {hits[0]}")
+        pytest.fail(f"fsck.erofs {version} extracts correctly what the known bug ({bug}) lost: "
+                    "record the release that fixed it in erofs_tools.KNOWN_TOOL_BUGS", pytrace=False)
+    assert hits == [], f"fsck.erofs {version} has the bug ({bug}) KNOWN_TOOL_BUGS says it fixed"
 
 
 @pytest.mark.parametrize("layout", ["single", "blobdev", "layered1"])
@@ -439,7 +447,7 @@ def test_cache_hit_in_a_new_factory(built, tools, image_cache):
 def test_cache_is_shared_by_processes(tools, tmp_path):
     """Two processes asking for the same new image at once: one builds, both get it."""
     code = (
-        "import json, sys; from fixtures.images import ImageFactory\n"
+        "import json, sys; from erofs_domains.guest.images import ImageFactory\n"
         f"f = ImageFactory(sys.argv[1], {tools.mkfs!r}, 'procs', profile={PROFILE!r})\n"
         "img = f.layered('base', 'app')\n"
         "print(json.dumps({'builds': f.builds, 'path': str(img.path), 'tags': img.device_tags}))\n"

@@ -1,9 +1,10 @@
-"""fixtures/kernel.py: the version rule table (ranges keyed by stable release, config
+"""erofs_domains/guest/kernel_features.py: the version rule table (ranges keyed by stable release, config
 conditions, declared skips), on made-up kernels; no VM."""
 
 import pytest
 
-from fixtures.kernel import RULES, KernelFeatures, Requirements, parse_release, row_kernels
+from erofs_domains.guest.kernel_features import RULES, KernelFeatures, parse_release, row_kernels
+from fixtures.requirements import Requirements
 
 FSCACHE_CONFIG = {o: "y" for o in ("CONFIG_EROFS_FS", "CONFIG_EROFS_FS_ONDEMAND", "CONFIG_FSCACHE",
                                    "CONFIG_CACHEFILES", "CONFIG_CACHEFILES_ONDEMAND", "CONFIG_FSCACHE_STATS",

@@ -1,4 +1,4 @@
-"""fixtures/kmsg.py on records from a fake /dev/kmsg (a SOCK_SEQPACKET socket keeps each
+"""erofs_domains/guest/kmsg.py on records from a fake /dev/kmsg (a SOCK_SEQPACKET socket keeps each
 record a read() of its own, as the device does): nothing it cannot read is dropped."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from fixtures.kmsg import UNREAD, KmsgChecker, KmsgReader
+from erofs_domains.guest.kmsg import UNREAD, KmsgChecker, KmsgReader
 
 
 @pytest.fixture

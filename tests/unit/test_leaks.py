@@ -1,6 +1,6 @@
 """The leak check's readers of kernel state, against constructed sysfs trees."""
 
-from fixtures.leaks import SystemState, loop_devices, render
+from erofs_domains.guest.leaks import SystemState, loop_devices, render
 
 
 def make_loop(sys_block, name, backing=None):

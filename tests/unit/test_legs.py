@@ -3,7 +3,8 @@
 from pathlib import Path
 
 import pytest
-from vmtest import legs
+
+from erofs_domains.host import legs
 
 REPO = Path(__file__).resolve().parents[2]
 

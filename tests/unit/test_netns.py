@@ -1,4 +1,4 @@
-"""fixtures/netns.py: a namespace joined by a veth pair, the blob server across it, link
+"""erofs_domains/programs/netns.py: a namespace joined by a veth pair, the blob server across it, link
 down/up, netem, and a teardown that leaves nothing behind.
 
 The namespace tests need root and network namespaces (they skip saying which is missing);
@@ -18,11 +18,18 @@ import time
 
 import pytest
 
-from fixtures import netns
-from fixtures.blobserver.blobs import publish
-from fixtures.blobserver.process import BlobServerProcess
-from fixtures.netns import NETEM_PROFILES, Netem, NetemUnsupported, VethNamespace, parse_rate, parse_time_us
-from fixtures.process_utils import cmd
+from erofs_domains.base.proc import cmd
+from erofs_domains.programs import netns
+from erofs_domains.programs.blobserver.blobs import publish
+from erofs_domains.programs.blobserver.process import BlobServerProcess
+from erofs_domains.programs.netns import (
+    NETEM_PROFILES,
+    Netem,
+    NetemUnsupported,
+    VethNamespace,
+    parse_rate,
+    parse_time_us,
+)
 
 # --------------------------------------------------------------------------- parameters (any host)
 
@@ -133,7 +140,7 @@ def test_concurrent_namespaces_get_distinct_names_and_subnets(usable):
 
 _CONNECT = """
 import socket, sys
-from fixtures.process_utils import cmd
+from erofs_domains.base.proc import cmd
 s = socket.socket(); s.settimeout(5)
 try:
     s.connect((sys.argv[1], int(sys.argv[2]))); print("connected")
@@ -149,7 +156,8 @@ def test_exec_runs_the_command_inside_the_namespace(net):
                      stdout=subprocess.PIPE, text=True)
     out, _ = proc.communicate(timeout=60)
     assert int(out) == os.stat(netns.NETNS_RUN_DIR / net.name).st_ino != os.stat("/proc/self/ns/net").st_ino
-    r = cmd([sys.executable, "-m", "fixtures.netns", "exec", net.name], check=False, cwd=netns.REPO, timeout=60)
+    r = cmd([sys.executable, "-m", "erofs_domains.programs.netns", "exec", net.name], check=False, cwd=netns.REPO,
+            timeout=60)
     assert r.returncode == 2 and "usage" in r.stderr
 
 

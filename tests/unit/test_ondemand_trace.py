@@ -3,9 +3,9 @@ same in 6.1.192 and 6.12.117), the tracefs reader, and the trace-against-daemon-
 
 import pytest
 
-from fixtures.observe import ondemand_agreement as agree
-from fixtures.observe import tracefs
-from fixtures.observe.ondemand_trace import EVENTS, OndemandEvent, TraceFormatError, parse_line, parse_trace
+from erofs_domains.guest.observe import ondemand_agreement as agree
+from erofs_domains.guest.observe import tracefs
+from erofs_domains.guest.observe.ondemand_trace import EVENTS, OndemandEvent, TraceFormatError, parse_line, parse_trace
 
 # One object's life as trace_pipe prints it: the open, read and close events are emitted before
 # cachefiles_ondemand_daemon_read() sets msg_id/object_id, so they print mid=0 oid=0.

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fixtures.observe.cachedir import predict_path
-from fixtures.oracle import KernelBug, Oracle, volume_key_for
+from erofs_domains.guest.fscache.oracle import KernelBug, Oracle, volume_key_for
+from erofs_domains.guest.observe.cachedir import predict_path
 
 # A run on a 6.12.117 guest (the mounts of test_recorded_run_cache_files): the 11 cache files
 # present afterwards, all equal to the prediction.

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fixtures.process_utils import cmd
+from erofs_domains.base.proc import cmd
 
 REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "outcome-table"

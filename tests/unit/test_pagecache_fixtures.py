@@ -1,4 +1,4 @@
-"""Pure parts of fixtures/pagecache: digest patching, option rules, trace parsing, kernel rules."""
+"""Pure parts of erofs_domains/guest/pagecache: digest patching, option rules, trace parsing, kernel rules."""
 
 import errno
 import subprocess
@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.kernel import KernelFeatures
-from fixtures.pagecache import images, probe
-from fixtures.pagecache.rules import KernelSide, mount_outcome
+from erofs_domains.guest.kernel_features import KernelFeatures
+from erofs_domains.guest.pagecache import images, probe
+from erofs_domains.guest.pagecache.rules import KernelSide, mount_outcome
 
 OLD = b"sha256:" + bytes(range(32))
 
@@ -123,7 +123,7 @@ def test_pagecache_rules_by_version_and_config():
 
 
 def test_build_marks_compressed_files_and_crafts(tmp_path, erofs_utils):
-    from tests.pagecache import image_set
+    from erofs_domains.guest.pagecache import image_set
 
     mkfs = erofs_utils.mkfs
     z = images.build(tmp_path / "z.erofs", image_set.BASE, compress=True, mkfs=mkfs)
@@ -141,7 +141,7 @@ def test_build_marks_compressed_files_and_crafts(tmp_path, erofs_utils):
 
 
 def test_pagecache_suite_is_a_declared_skip_before_7_0_even_under_strict():
-    from fixtures.kernel import Requirements
+    from fixtures.requirements import Requirements
 
     req = Requirements(features("6.12.117", dict(FULL, CONFIG_EROFS_FS_PAGE_CACHE_SHARE="n")), strict=True)
     with pytest.raises(pytest.skip.Exception, match="rule pagecache_share .*does not apply to kernel 6.12"):
@@ -155,7 +155,7 @@ def test_pagecache_suite_is_a_declared_skip_before_7_0_even_under_strict():
 def test_option_tests_run_on_7_0_without_the_option_and_skip_before():
     """`pagecache_options` tests (test_options.py's mount outcomes) need a 7.0+ kernel only: the
     options are parsed there with the option built in or not (erofs_fc_parse_param())."""
-    from fixtures.kernel import Requirements
+    from fixtures.requirements import Requirements
 
     no = dict(FULL, CONFIG_EROFS_FS_PAGE_CACHE_SHARE="n")
     assert features("7.2.13", no).why_no_pagecache_options() is None

@@ -1,8 +1,8 @@
-"""The page-cache sharing oracle (fixtures/pagecache/oracle.py), on the host."""
+"""The page-cache sharing oracle (erofs_domains/guest/pagecache/oracle.py), on the host."""
 
 import pytest
 
-from fixtures.pagecache.oracle import (
+from erofs_domains.guest.pagecache.oracle import (
     COMPRESSED,
     PLAIN_BDEV,
     PLAIN_FILE,

@@ -1,7 +1,7 @@
-"""The page-cache sharing failure report (fixtures/pagecache/harness.py) names the broken rule
+"""The page-cache sharing failure report (erofs_domains/guest/pagecache/harness.py) names the broken rule
 and shows what each mount sees, without a kernel."""
 
-from fixtures.pagecache.harness import Row, Sharing
+from erofs_domains.guest.pagecache.harness import Row, Sharing
 
 
 class FakeMounts:

@@ -1,17 +1,15 @@
-"""conftest.probe_guest: the features probe boots a VM once per (kernel image, probe code,
+"""features_probe.probe_guest: the features probe boots a VM once per (kernel image, probe code,
 mkfs), and a changed kernel image is probed again."""
 
 from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-import conftest  # noqa: E402
+from erofs_domains.host import deps, features_probe
 
 
 @pytest.fixture
@@ -27,15 +25,15 @@ def boots(tmp_path, monkeypatch):
         answer = {"table": [["kernel release", kernel.read_text()]]}
         return subprocess.CompletedProcess(cmd, 0, "booting\n" + json.dumps(answer) + "\n", "")
 
-    monkeypatch.setattr(conftest, "cmd", fake_cmd)
+    monkeypatch.setattr(features_probe, "cmd", fake_cmd)
     return calls
 
 
 def test_the_same_kernel_is_probed_once(tmp_path, boots):
     kernel = tmp_path / "bzImage"
     kernel.write_text("6.12.117")
-    first = conftest.probe_guest(kernel)
-    again = conftest.probe_guest(kernel)
+    first = features_probe.probe_guest(kernel)
+    again = features_probe.probe_guest(kernel)
     assert len(boots) == 1
     assert again["table"] == first["table"] == [["kernel release", "6.12.117"]]
     assert "cached" not in first and again["cached"].endswith(".json")
@@ -44,18 +42,18 @@ def test_the_same_kernel_is_probed_once(tmp_path, boots):
 def test_a_rebuilt_kernel_at_the_same_path_is_probed_again(tmp_path, boots):
     kernel = tmp_path / "bzImage"
     kernel.write_text("6.12.117")
-    conftest.probe_guest(kernel)
+    features_probe.probe_guest(kernel)
     kernel.write_text("6.12.118")
-    assert conftest.probe_guest(kernel)["table"] == [["kernel release", "6.12.118"]]
+    assert features_probe.probe_guest(kernel)["table"] == [["kernel release", "6.12.118"]]
     assert len(boots) == 2
 
 
 def test_a_kernel_that_does_not_boot_is_not_remembered(tmp_path, monkeypatch, boots):
     kernel = tmp_path / "bzImage"
     kernel.write_text("broken")
-    monkeypatch.setattr(conftest, "cmd",
+    monkeypatch.setattr(features_probe, "cmd",
                         lambda cmd, **kw: boots.append(cmd) or subprocess.CompletedProcess(cmd, 1, "", "panic"))
     for _ in range(2):
-        with pytest.raises(pytest.UsageError, match="did not boot"):
-            conftest.probe_guest(kernel)
+        with pytest.raises(deps.ToolError, match="did not boot"):
+            features_probe.probe_guest(kernel)
     assert len(boots) == 2

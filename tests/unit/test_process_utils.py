@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from fixtures.process_utils import CmdError, WaitTimeout, cmd, wait_for
+from erofs_domains.base.proc import CmdError, WaitTimeout, cmd, wait_for
 
 PY = sys.executable
 

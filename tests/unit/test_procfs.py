@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.observe import procfs
-from fixtures.observe.procfs import (
+from erofs_domains.guest.observe import procfs
+from erofs_domains.guest.observe.procfs import (
     Cache,
     Cookie,
     ProcParseError,

@@ -1,4 +1,4 @@
-"""Unit tests for fixtures.ondemand.protocol (pure encode/decode/format code)."""
+"""Unit tests for erofs_domains.programs.ondemand.protocol (pure encode/decode/format code)."""
 
 import errno
 import struct
@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fixtures.ondemand import protocol as P
-from fixtures.ondemand.protocol import (
+from erofs_domains.programs.ondemand import protocol as P
+from erofs_domains.programs.ondemand.protocol import (
     CloseRequest,
     OpenRequest,
     ProtocolError,

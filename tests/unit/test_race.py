@@ -1,11 +1,11 @@
-"""fixtures/race.py: overlap of spans, and retrying a race until it happened."""
+"""erofs_domains/guest/race.py: overlap of spans, and retrying a race until it happened."""
 
 import threading
 import time
 
 import pytest
 
-from fixtures.race import Attempts, Span, Timeline, overlaps, render_spans
+from erofs_domains.guest.race import Attempts, Span, Timeline, overlaps, render_spans
 
 
 def test_overlap_seconds():

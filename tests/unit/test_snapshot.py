@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from fixtures.observe.snapshot import FscacheSnapshot, erofs_only, format_key
+from erofs_domains.guest.observe.snapshot import FscacheSnapshot, erofs_only, format_key
 
 DATA = Path(__file__).parent / "data"
 

@@ -1,4 +1,4 @@
-"""tools/vmtest/vm.py: choosing KVM or TCG, and a guest that KVM stops mid-run.
+"""erofs_domains/host/vm.py: choosing KVM or TCG, and a guest that KVM stops mid-run.
 
 Nested hosts fail KVM in three ways (seen here): qemu aborts at once, qemu spins with no
 output, or the guest stops with "KVM internal error ... emulation failure" and qemu pauses
@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import os
 import stat
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
-from vmtest import vm  # noqa: E402
+from erofs_domains.base import config
+from erofs_domains.host import vm
 
 
 @pytest.fixture
@@ -37,6 +36,7 @@ def test_accel_env_decides_without_probing(probe_env, monkeypatch):
     assert vm.kvm_usable(None) is False
     vm.kvm_usable.cache_clear()
     monkeypatch.setenv("EROFS_TEST_ACCEL", "kvm")
+    config.forget()  # a new process: the setting is read once per process
     assert vm.kvm_usable(None) is True
 
 

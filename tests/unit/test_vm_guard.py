@@ -1,4 +1,4 @@
-"""tools/vmtest/guard.py and GuestRun.run: a guest that oopses, wedges or outlives its
+"""erofs_domains/host/guard.py and GuestRun.run: a guest that oopses, wedges or outlives its
 controller is ended, and says why with its console lines.
 
 Before these, a kernel BUG in the umount path left both VMs wedged (every later mount in D
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-TOOLS = Path(__file__).resolve().parents[2] / "tools"
-sys.path.insert(0, str(TOOLS))
-from vmtest import guard, vm  # noqa: E402
+from erofs_domains.host import guard, vm
+
+REPO = Path(__file__).resolve().parents[2]
 
 BUG_TRACE = """\
 [   41.102030] erofs (device erofs3): unmounting
@@ -173,9 +173,9 @@ def test_a_guest_that_ends_well_leaves_no_crash_report(fake_guest, tmp_path):
 # ----------------------------------------------------------------- no VM outlives its controller
 WRAPPER = textwrap.dedent("""\
     import os, sys
-    sys.path.insert(0, {tools!r})
+    sys.path.insert(0, {repo!r})
     from pathlib import Path
-    from vmtest import vm
+    from erofs_domains.host import vm
     vm.deps.check = lambda *a: None
     os.environ["EROFS_TEST_ACCEL"] = "tcg"
     vm.GuestRun.vng_argv = lambda self: [{vng!r}]
@@ -198,7 +198,7 @@ def controller(tmp_path):
     vng = tmp_path / "vng"
     vng.write_text(f"#!/bin/sh\nsleep 600 &\necho $! > {tmp_path}/qemu.pid\nwait\n")
     vng.chmod(0o755)
-    code = WRAPPER.format(tools=str(TOOLS), vng=str(vng), kernel=str(kernel), log=str(tmp_path / "w-1.log"))
+    code = WRAPPER.format(repo=str(REPO), vng=str(vng), kernel=str(kernel), log=str(tmp_path / "w-1.log"))
     ctl = subprocess.Popen([sys.executable, "-c", CONTROLLER, code], stdin=subprocess.DEVNULL,
                            stdout=subprocess.PIPE, text=True, start_new_session=True)
     wrapper = int(ctl.stdout.readline())
