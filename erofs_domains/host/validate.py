@@ -87,11 +87,15 @@ def check_executable(path: str | os.PathLike, option: str | None, want: str = "a
     return p
 
 
-def check_kernel_tree(path: str | os.PathLike, option: str | None = "--src") -> Path:
-    """A Linux source tree with fs/erofs (erofs_domains/host/kernel_build.py is_kernel_tree)."""
-    want = "a Linux kernel source tree (with Makefile, Kconfig and fs/erofs/)"
-    from .kernel_build import is_kernel_tree  # not at the top: kernel_build.py checks its input here too
+def is_kernel_tree(src: str | os.PathLike) -> bool:
+    """A Linux source tree the suite can build: its Makefile, Kconfig and fs/erofs/."""
+    src = Path(src)
+    return (src / "Makefile").is_file() and (src / "fs" / "erofs").is_dir() and (src / "Kconfig").is_file()
 
+
+def check_kernel_tree(path: str | os.PathLike, option: str | None = "--src") -> Path:
+    """A Linux source tree with fs/erofs (is_kernel_tree)."""
+    want = "a Linux kernel source tree (with Makefile, Kconfig and fs/erofs/)"
     p = check_dir(path, option, want)
     if not is_kernel_tree(p):
         raise BadInput(f"{_named(option, path)} is not a Linux kernel tree (no Makefile, Kconfig or fs/erofs/); "
