@@ -134,6 +134,12 @@ def select_leg(config):
         pytest.exit(legs.nothing_selected(leg, named), returncode=pytest.ExitCode.OK)
 
 
+def collect_only(config) -> bool:
+    """`pytest --collect-only` names the tests and nothing else: no kernel or erofs-utils is
+    resolved, built or booted for it (tools/bisect checks a test id this way)."""
+    return bool(config.getoption("collectonly", False))
+
+
 def resolve_kernel(config) -> Path:
     return kernel_build.resolve_kernel(config.getoption("kernel"), config.getoption("kernel_src"),
                                        config.getoption("kernel_profile"), config.getoption("kernel_version"))
@@ -147,6 +153,8 @@ def pytest_configure(config):
     given = given_configuration(config)
     # Before any default is resolved: the reproduce line names what the user chose.
     run_config.install(given.replace(reproduce=shlex.join(reproduce.run_prefix(given, mode))))
+    if collect_only(config):
+        return
     if vm_mode(config):
         prune_cache()
         if config.getoption("maxworkerrestart", None) is None:
@@ -212,16 +220,19 @@ def pytest_sessionfinish(session, exitstatus):
 def pytest_collection_finish(session):
     """Host mode needs an explicit opt-in: it binds cachefiles and mounts on this machine."""
     config = session.config
-    if is_worker(config) or run_config.current().in_vm:
+    if is_worker(config) or run_config.current().in_vm or collect_only(config):
         return
-    suites = {s for s in legs.LEGS["vm"] for item in session.items if s in item.nodeid}
+    suites = {s for s in legs.LEGS["vm"] for item in session.items if item.nodeid.startswith(s + "/")}
     if not suites:
         return
     if not config.getoption("host_mode"):
+        paths = sorted(suites)
+        mkfs = ["--mkfs", config.getoption("mkfs")] if config.getoption("mkfs") else []
+        tox = shlex.join(["tox", "-e", "vm", "--", *mkfs, *paths])
+        vm = shlex.join(["pytest", "--dist", "load", "--tx", "2*popen//python=tools/vm-python", *mkfs, *paths])
         pytest.exit(
-            f"{' and '.join(sorted(suites))} need(s) a kernel with EROFS on-demand (fscache) or page-cache "
-            "sharing support. Run it in VMs "
-            f"(`tox -e vm`, or `pytest --dist load --tx 2*popen//python=tools/vm-python {' '.join(sorted(suites))}`), "
+            f"{' and '.join(paths)} need{'s' if len(paths) == 1 else ''} a kernel with EROFS on-demand (fscache) "
+            f"or page-cache sharing support. Run {'it' if len(paths) == 1 else 'them'} in VMs (`{tox}`, or `{vm}`), "
             "or on a disposable root machine whose kernel has the features with --host-mode.",
             returncode=4,
         )

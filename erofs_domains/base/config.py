@@ -87,7 +87,11 @@ class RunConfig:
         for name, (field, parse) in FIELDS.items():
             raw = environ.get(name)
             if raw not in (None, "") and field not in values:
-                values[field] = parse(raw)
+                try:
+                    values[field] = parse(raw)
+                except ValueError:  # one line naming the variable (tools/erofs_domains.host.validate)
+                    want = {int: "a whole number", float: "a number"}.get(parse, "a valid value")
+                    raise ValueError(f"${name}={raw!r} is not {want}; fix or unset it") from None
         return cls(**values)
 
 

@@ -26,7 +26,7 @@ class Kind:
     what: str
     keep: int | None  # None: never pruned automatically
     min_age: float = DAY
-    pattern: str = "*"
+    pattern: str = "*"  # "": the directory itself is the one entry
     # Files whose mtime/atime say "used": the newest of them and the entry itself counts.
     # (atime: the filesystems here mount relatime, which still moves atime once a day.)
     used_by: tuple[str, ...] = ()
@@ -43,7 +43,14 @@ KINDS = (
     Kind("erofs-utils", "erofs-utils", "erofs-utils builds", keep=3, used_by=("build-info.json",)),
     Kind("src", "src", "unpacked kernel sources (Debian packages, copies)", keep=None),
     Kind("apt", "apt", "the private apt lists and downloads", keep=None),
+    Kind("farms", "farms", "hard-link farms of a tree with a patch series applied (compare-kernels)", keep=None),
+    Kind("bisect", "bisect", "tools/bisect's git worktrees, one per repository", keep=None),
+    Kind("erofs-utils-trees", "erofs-utils-trees", "erofs-utils branches plugged into (unit tests)", keep=None),
+    Kind("results", "results", "vm-run/vm-python results of older checkouts (now results/)", keep=None),
+    Kind("tox-venv", "tox-venv", "the venv tools/tox runs tox from", keep=None, pattern=""),
 )
+# Files of the cache root itself that no kind lists.
+ROOT_FILES = ("kvm-probe",)
 BY_NAME = {k.name: k for k in KINDS}
 
 
@@ -75,6 +82,8 @@ def entries(root: Path, kind: Kind) -> list[tuple[Path, float]]:
     d = root / kind.subdir
     if not d.is_dir():
         return []
+    if not kind.pattern:
+        return [(d, last_used(d, kind))]
     found = [(p, last_used(p, kind)) for p in d.glob(kind.pattern) if not p.name.startswith(".")]
     return sorted(found, key=lambda e: e[1], reverse=True)
 
@@ -147,6 +156,15 @@ def human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"
+
+
+def unknown(root: Path) -> list[str]:
+    """What the cache root holds that no kind names: --list says so (it is never removed)."""
+    known = {k.subdir for k in KINDS} | set(ROOT_FILES)
+    try:
+        return sorted(p.name for p in root.iterdir() if p.name not in known and not p.name.startswith("."))
+    except OSError:
+        return []
 
 
 def table(root: Path, now: float | None = None) -> list[list]:

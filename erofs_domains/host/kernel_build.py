@@ -25,7 +25,7 @@ from erofs_domains.base.cache_dir import cache_root
 from erofs_domains.base.layout import KCONFIG_DIR
 from erofs_domains.base.proc import CmdError, cmd
 from erofs_domains.guest.kernel_features import REQUIRED_OPTIONS
-from erofs_domains.host import deps
+from erofs_domains.host import deps, validate
 
 # `git bisect run` skips a revision when the script exits 125.
 EXIT_TREE_DOES_NOT_BUILD = 125
@@ -222,7 +222,7 @@ def check_clean_tree(src: Path) -> None:
 
 
 def is_kernel_tree(src: Path) -> bool:
-    return (src / "Makefile").is_file() and (src / "fs" / "erofs").is_dir() and (src / "Kconfig").is_file()
+    return validate.is_kernel_tree(src)
 
 
 def fetch_debian_source(package: str = DEFAULT_PACKAGE, suite: str | tuple[str, ...] = DEFAULT_SUITE,
@@ -434,9 +434,10 @@ def build_for(series: DebianKernel, src: Path | None = None, profile: str = "def
 
 def resolve_kernel(kernel: Path | None = None, src: Path | None = None, profile: str = "default",
                    version: str | None = None) -> Path:
-    """The bzImage to test: the one given, or one built (or reused) from `src` / Debian's tree."""
+    """The bzImage to test: the one given, or one built (or reused) from `src` / Debian's tree.
+    What was given is checked first (validate.py): a wrong file or tree fails before any build."""
     if kernel is not None:
-        if not Path(kernel).is_file():
-            raise deps.ToolError(f"--kernel {kernel} does not exist")
-        return Path(kernel).resolve()
+        return validate.check_bzimage(kernel, "--kernel")
+    if src is not None:
+        src = validate.check_kernel_tree(src, "--kernel-src")
     return build_for(choose_series(version, src), src, profile).build()

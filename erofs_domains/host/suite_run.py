@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -44,6 +45,46 @@ def pytest_command(image: Path, outdir: Path, args: list[str], *, vms: int = 1,
            "--tx", f"{vms}*popen//python=tools/vm-python", "--kernel", str(image),
            "--results", str(outdir), f"--junitxml={outdir / 'junit.xml'}", "-rfE"]
     return cmd + list(args) + ([] if has_test_path(args) else [DEFAULT_TESTS])
+
+
+def collect(args: list[str], python: str | None = None) -> tuple[list[str], str]:
+    """The node ids `pytest --collect-only` finds for these arguments (nothing is built or booted
+    for it: conftest.py), and pytest's own word when it finds none."""
+    argv = [python or sys.executable, "-m", "pytest", "-c", str(REPO / "pyproject.toml"), f"--rootdir={REPO}",
+            "-p", "no:cacheprovider", "--collect-only", "-q", *args]
+    r = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
+    ids = [line for line in r.stdout.splitlines() if "::" in line and not line.startswith(" ")]
+    lines = [line.strip() for line in (r.stdout + "\n" + r.stderr).splitlines() if line.strip()]
+    why = next((line for line in lines if line.startswith("ERROR")), lines[-1] if lines else f"exit {r.returncode}")
+    return (ids if r.returncode == 0 else []), why
+
+
+def check_test_id(test_id: str, pytest_args: list[str], python: str | None = None) -> str:
+    """The one test `test_id` names, collected; raises validate.BadInput when it names none or several."""
+    from .validate import BadInput
+
+    ids, why = collect([*pytest_args, test_id], python)
+    where = test_id.split("::")[0] if (REPO / test_id.split("::")[0]).exists() else DEFAULT_TESTS
+    listing = f"`pytest --collect-only -q {where}` lists them"
+    if len(ids) == 1:
+        return ids[0]
+    if len(ids) > 1:
+        shown = ", ".join(ids[:3]) + (", ..." if len(ids) > 3 else "")
+        raise BadInput(f"test id {test_id} names {len(ids)} tests ({shown}); give one ({listing})")
+    raise BadInput(f"test id {test_id} is not a test of the suite ({why}); give a node id as {listing}")
+
+
+def check_selection(pytest_args: list[str], python: str | None = None) -> int:
+    """How many tests the pytest arguments of a run select (their default path added as the run
+    adds it); raises validate.BadInput when they select none or pytest refuses them."""
+    from .validate import BadInput
+
+    args = list(pytest_args) + ([] if has_test_path(pytest_args) else [DEFAULT_TESTS])
+    ids, why = collect(args, python)
+    if not ids:
+        raise BadInput(f"the pytest arguments {shlex.join(pytest_args) or '(none)'} select no test ({why}); "
+                       f"`pytest --collect-only -q {shlex.join(args)}` shows what they select")
+    return len(ids)
 
 
 @dataclass

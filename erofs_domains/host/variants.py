@@ -34,7 +34,7 @@ from pathlib import Path
 
 from erofs_domains.base.cache_dir import cache_root
 from erofs_domains.base.proc import CmdError, cmd  # sys.path: tools/vmtest/__init__.py
-from erofs_domains.host import deps
+from erofs_domains.host import deps, validate
 from erofs_domains.host import kernel_build as kernel
 
 VERSIONS = tuple(kernel.KERNELS)
@@ -93,7 +93,7 @@ def parse_side(spec: str, other: Side | None = None, label: str = "A") -> Side:
     if head.is_file() and not is_series(head):
         if rest:
             raise deps.ToolError(f"{label}: a bzImage ({head}) cannot take patches")
-        return Side(label, image=head.resolve())
+        return Side(label, image=validate.check_bzimage(head, f"{label}:"))
     if kernel.is_kernel_tree(head):
         return Side(label, tree=head.resolve(), patches=rest)
     if is_series(head):

@@ -314,7 +314,7 @@ def test_parse_side_forms(tmp_path):
     mbox = tmp_path / "v3.mbx"
     mbox.write_text(PATCH)
     image = tmp_path / "bzImage"
-    image.write_bytes(b"\0" * 64)
+    image.write_bytes(bytes(0x202) + b"HdrS" + bytes(0x1fa))  # the x86 boot header's magic, nothing else
     a = variants.parse_side(str(tree), label="A")
     assert a.tree == tree and not a.patches
     b = variants.parse_side(str(mbox), other=a, label="B")
@@ -327,6 +327,10 @@ def test_parse_side_forms(tmp_path):
         variants.parse_side(str(mbox), other=variants.Side("A", image=image), label="B")
     with pytest.raises(variants.deps.ToolError, match="does not exist"):
         variants.parse_side(str(tmp_path / "nope"), label="A")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("neither a patch nor a kernel\n")
+    with pytest.raises(variants.deps.ToolError, match=r"A: .*notes.txt is not a bzImage"):
+        variants.parse_side(str(notes), label="A")
 
 
 @pytest.fixture

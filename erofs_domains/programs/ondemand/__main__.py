@@ -8,7 +8,9 @@ Prints ``READY <pid>`` once bound (or restored) and ``ERROR <errno> <message>``
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 import signal
 import sys
 
@@ -44,8 +46,15 @@ def _size_pair(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(f"expected NAME=SIZE, got {text!r}") from None
 
 
+class _Parser(argparse.ArgumentParser):
+    """A bad command line is one line on stderr (the usage is behind --help), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="ondemand-daemon",
         description="cachefiles on-demand daemon serving EROFS blobs for the fscache tests.")
     p.add_argument("--cache", required=True, metavar="DIR",
@@ -82,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not os.path.isdir(args.cache):  # before the device is opened: the kernel's "dir" would say less
+        code = errno.ENOENT if not os.path.exists(args.cache) else errno.ENOTDIR
+        print(f"ERROR {code} --cache {args.cache} is not a directory; give the cache directory "
+              "(an existing one, not on tmpfs)", flush=True)
+        return 1
     logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if args.verbose else logging.INFO,
                         format="ondemand-daemon %(levelname)s %(message)s")
     try:
