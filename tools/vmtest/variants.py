@@ -37,7 +37,7 @@ from fixtures.process_utils import CmdError, cmd  # sys.path: tools/vmtest/__ini
 from . import deps, kernel
 from .paths import cache_root
 
-VERSIONS = ("6.1", "6.12", "7.2")
+VERSIONS = ("6.1", "6.12", "7.2", "7.3")
 
 
 @dataclass
