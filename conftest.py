@@ -120,6 +120,8 @@ def probe_key(kernel: Path) -> str:
     """What a probe's answer depends on: the kernel image, the probe's code, the mkfs binary."""
     h = hashlib.sha256(Path(kernel).read_bytes())
     h.update((REPO / "fixtures" / "kernel.py").read_bytes())
+    h.update((REPO / "fixtures" / "probes.py").read_bytes())
+    h.update(os.environ.get("EROFS_TEST_PROBES", "").encode())  # 0: the ranges alone decide
     mkfs = os.environ.get("MKFS_EROFS", "")
     if mkfs and os.path.exists(mkfs):
         from fixtures import erofs_tools
