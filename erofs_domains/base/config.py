@@ -46,6 +46,7 @@ class RunConfig:
     accel: str | None = None  # "tcg" or "kvm"; None: probe
     vm_lifetime: float = DEFAULT_LIFETIME
     probe: bool = True  # boot once to read the guest's features before the workers start
+    feature_probes: bool = True  # in that boot, probe what the kernel can say (erofs_domains/guest/kernel_probes.py)
     daemon_spawn: str = ""  # "exec": start each daemon as a fresh interpreter
     python: str | None = None  # the controller's interpreter, which the guests run
     reproduce: str = ""  # the command prefix that reruns a test the way this run ran it
@@ -78,6 +79,8 @@ class RunConfig:
             out[name] = "1" if value is True else "0" if value is False else str(value)
         if not self.probe:
             out["EROFS_TEST_PROBE"] = "0"
+        if not self.feature_probes:
+            out["EROFS_TEST_PROBES"] = "0"
         return out
 
     @classmethod
@@ -124,6 +127,7 @@ FIELDS: dict[str, tuple[str, object]] = {
     "EROFS_TEST_ACCEL": ("accel", str),
     "EROFS_TEST_VM_LIFETIME": ("vm_lifetime", float),
     "EROFS_TEST_PROBE": ("probe", _flag),
+    "EROFS_TEST_PROBES": ("feature_probes", _flag),
     "EROFS_TEST_DAEMON_SPAWN": ("daemon_spawn", str),
     "EROFS_TEST_PYTHON": ("python", str),
     "EROFS_TEST_REPRODUCE": ("reproduce", str),

@@ -81,7 +81,10 @@ class ErofsMount:
 
     @property
     def sysfs_dir(self) -> Path:
-        """/sys/fs/<name> from FS_IOC_GETFSSYSFSPATH (6.10+), else computed from the options."""
+        """/sys/fs/<name> from FS_IOC_GETFSSYSFSPATH (erofs: 6.11+, rule sysfs_path_ioctl) where that
+        directory exists, else computed from the options: 6.11's ioctl reports the 36-byte
+        s_sysfs_name while its /sys/fs/erofs name is the whole `<domain_id>,<fsid>` (rule
+        sysfs_name_truncated, 6.12), and a `/` in the name is a `!` in sysfs."""
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
             try:
@@ -89,11 +92,14 @@ class ErofsMount:
             finally:
                 os.close(fd)
             n = buf[0]
-            return Path("/sys/fs") / buf[1 : 1 + n].decode(errors="surrogateescape")
+            reported = Path("/sys/fs") / buf[1 : 1 + n].decode(errors="surrogateescape")
+            if reported.is_dir():
+                return reported
         except OSError:
-            from erofs_domains.guest.kernel_features import detect
+            pass
+        from erofs_domains.guest.kernel_features import detect
 
-            return Path("/sys/fs/erofs") / sysfs_name(self.fsid, self.domain_id, detect().sysfs_name_max)
+        return Path("/sys/fs/erofs") / sysfs_name(self.fsid, self.domain_id, detect().sysfs_name_max)
 
 
 def build_options(fsid: str | None, domain_id: str | None = None, devices=(), **extra) -> str:

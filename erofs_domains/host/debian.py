@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from erofs_domains.base.file_digest import sha256_file  # sys.path: tools/vmtest/__init__.py
+from erofs_domains.base.file_digest import sha256_file
 from erofs_domains.host import deps
 
 DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from erofs_domains.base import (
     config,
-    erofs_tools,  # the one probe of the tools (sys.path: tools/vmtest/__init__.py)
+    erofs_tools,  # the one probe of the tools
 )
 from erofs_domains.base.cache_dir import cache_root
 from erofs_domains.base.proc import CmdError, cmd

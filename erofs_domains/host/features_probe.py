@@ -14,16 +14,18 @@ from erofs_domains.base import config, erofs_tools
 from erofs_domains.base.cache_dir import cache_root
 from erofs_domains.base.layout import REPO, TOOLS
 from erofs_domains.base.proc import cmd
-from erofs_domains.guest import kernel_features
+from erofs_domains.guest import kernel_features, kernel_probes
 from erofs_domains.host import deps
 
-PROBE_CODE = Path(kernel_features.__file__)
+PROBE_CODE = (Path(kernel_features.__file__), Path(kernel_probes.__file__))
 
 
 def probe_key(kernel: Path, mkfs: str | None) -> str:
     """What a probe's answer depends on: the kernel image, the probe's code, the mkfs binary."""
     h = hashlib.sha256(Path(kernel).read_bytes())
-    h.update(PROBE_CODE.read_bytes())
+    for code in PROBE_CODE:
+        h.update(code.read_bytes())
+    h.update(b"probes" if config.current().feature_probes else b"ranges only")
     if mkfs and os.path.exists(mkfs):
         h.update(f"{os.path.realpath(mkfs)} {erofs_tools.identity(mkfs)}".encode())
     return h.hexdigest()[:24]

@@ -50,6 +50,10 @@ KERNELS = {
     "6.12": DebianKernel("6.12", "linux-source-6.12", ("trixie",), ("ondemand.config",), "fscache"),
     # 7.2: the fscache backend is gone; domain_id= lives on as page-cache sharing (inode_share).
     "7.2": DebianKernel("7.2", "linux-source-7.2", ("sid",), ("pagecache.config",), "pagecache"),
+    # 7.3: the newest stable (7.3.4 in trixie-backports; experimental has the release candidates).
+    # cachefiles' on-demand mode is gone too (no fs/cachefiles/ondemand.c).
+    "7.3": DebianKernel("7.3", "linux-source-7.3", ("trixie-backports", "experimental"), ("pagecache.config",),
+                        "pagecache"),
 }
 DEFAULT_KERNEL_VERSION = "6.12"
 DEFAULT_PACKAGE = KERNELS[DEFAULT_KERNEL_VERSION].package

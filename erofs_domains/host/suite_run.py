@@ -61,7 +61,7 @@ def collect(args: list[str], python: str | None = None) -> tuple[list[str], str]
 
 def check_test_id(test_id: str, pytest_args: list[str], python: str | None = None) -> str:
     """The one test `test_id` names, collected; raises validate.BadInput when it names none or several."""
-    from .validate import BadInput
+    from erofs_domains.host.validate import BadInput
 
     ids, why = collect([*pytest_args, test_id], python)
     where = test_id.split("::")[0] if (REPO / test_id.split("::")[0]).exists() else DEFAULT_TESTS
@@ -77,7 +77,7 @@ def check_test_id(test_id: str, pytest_args: list[str], python: str | None = Non
 def check_selection(pytest_args: list[str], python: str | None = None) -> int:
     """How many tests the pytest arguments of a run select (their default path added as the run
     adds it); raises validate.BadInput when they select none or pytest refuses them."""
-    from .validate import BadInput
+    from erofs_domains.host.validate import BadInput
 
     args = list(pytest_args) + ([] if has_test_path(pytest_args) else [DEFAULT_TESTS])
     ids, why = collect(args, python)

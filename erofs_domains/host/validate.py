@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from .deps import ToolError
+from erofs_domains.host.deps import ToolError
 
 # The x86 boot protocol's setup header (Documentation/arch/x86/boot.rst): "HdrS" at 0x202.
 BZIMAGE_MAGIC = b"HdrS"

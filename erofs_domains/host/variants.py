@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from erofs_domains.base.cache_dir import cache_root
-from erofs_domains.base.proc import CmdError, cmd  # sys.path: tools/vmtest/__init__.py
+from erofs_domains.base.proc import CmdError, cmd
 from erofs_domains.host import deps, validate
 from erofs_domains.host import kernel_build as kernel
 

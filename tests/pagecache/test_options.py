@@ -16,6 +16,7 @@ def kernel_side(features):
         page_cache_share=features.option("CONFIG_EROFS_FS_PAGE_CACHE_SHARE") == "y",
         fs_dax=features.option("CONFIG_FS_DAX") == "y",
         fscache_backend=features.why_no_ondemand() is None or features.version < (7, 2),
+        share_word=features.pick("inode_share_log_wording", "inode_share", "inode_ishare"),
     )
 
 

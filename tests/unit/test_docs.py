@@ -53,3 +53,23 @@ def test_nothing_cites_a_document_outside_the_repository():
            for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1)
            if re.search(r"reference §|/work/shared/|ondemand-protocol\.md", line)]
     assert not bad, "\n".join(bad)
+
+
+def test_versions_doc_rule_tables_are_generated_from_the_rules():
+    from erofs_domains.host import versions_doc
+
+    d = versions_doc.diff()
+    assert not d, ("docs/versions.md's rule tables differ from erofs_domains/guest/kernel_features.py RULES: run "
+                   "python3 -m erofs_domains.host.versions_doc --write\n" + d[:3000])
+
+
+def test_versions_doc_generator_rewrites_only_its_blocks():
+    from erofs_domains.host import versions_doc
+
+    b, e = versions_doc.BEGIN.format(name="rules"), versions_doc.END.format(name="rules")
+    b2, e2 = versions_doc.BEGIN.format(name="evidence"), versions_doc.END.format(name="evidence")
+    text = f"prose before\n{b}\nstale\n{e}\nprose between\n{b2}\n{e2}\nprose after\n"
+    out = versions_doc.render(text)
+    assert out.startswith("prose before\n") and "\nprose between\n" in out and out.endswith("prose after\n")
+    assert "stale" not in out and "| `sysfs_path_ioctl` | >= 6.11 |" in out
+    assert "| `read_complete_object_check` | `cachefiles: add consistency check" in out

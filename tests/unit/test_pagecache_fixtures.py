@@ -168,3 +168,17 @@ def test_option_tests_run_on_7_0_without_the_option_and_skip_before():
     req = Requirements(features("7.2.13", FULL, mkfs="1.8.10"), strict=True)
     with pytest.raises(pytest.fail.Exception, match="1.9"):
         req.pagecache_options()
+
+
+def test_fill_super_refusals_follow_the_wording_rule():
+    """7.3 names the option `inode_share` in erofs_fc_fill_super()'s refusals, 7.0 - 7.2 `inode_ishare`
+    (rule inode_share_log_wording): the expected log line follows the kernel side."""
+    from erofs_domains.guest.kernel_features import KernelFeatures
+
+    for release, word in (("7.2.13", "inode_ishare"), ("7.3.4", "inode_share")):
+        k = KernelFeatures(release=release, config={}, has_cachefiles_dev=False)
+        side = KernelSide(True, True, False, share_word=k.pick("inode_share_log_wording", "inode_share",
+                                                               "inode_ishare"))
+        assert mount_outcome("inode_share", side).log == (f"erofs: domain_id is needed when {word} is on",)
+        assert mount_outcome("inode_share,domain_id=d,dax=always", side).log == (
+            f"erofs: FSDAX is not allowed when {word} is on",)
