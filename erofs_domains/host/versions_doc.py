@@ -17,9 +17,10 @@ import re
 import sys
 from pathlib import Path
 
+from erofs_domains.base.layout import REPO
 from erofs_domains.guest.kernel_features import RULES, SERIES, Rule
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "versions.md"
+DOC = REPO / "docs" / "versions.md"
 BEGIN = "<!-- BEGIN generated: {name} (python3 -m erofs_domains.host.versions_doc --write) -->"
 END = "<!-- END generated: {name} -->"
 
