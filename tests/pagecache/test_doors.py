@@ -54,6 +54,32 @@ def _overlap(events, before: list[int]) -> list:
     return [e for e in events if any(before[i] for i in range(e.first_page, min(e.first_page + e.pages, len(before))))]
 
 
+def sharing_check(d, a, b, fb, res_a, size, want, scratch, io_trace, *, explained, problems, shape) -> str:
+    """After the door through member `a`: member `b` maps the same pages resident, and `b`'s
+    identical call does no I/O for them. Returns the table's words for it."""
+    res_b = doors.resident(fb)
+    if explained and not any(res_a):
+        return f"not shared (rule {explained[0]})"
+    notes = []
+    if res_b != res_a or not any(res_b):
+        notes.append(f"resident through {b.name}: {doors.runs(res_b)}, through {a.name}: {doors.runs(res_a)}")
+    if d.name not in IO_AGAIN:
+        nid = os.stat(fb).st_ino
+        io_trace.take()
+        seen_b = d.run(fb, size, scratch)
+        io = [e for e in io_trace.take() if not e.directory and e.nid == nid and e.dev in (a.dev, b.dev)]
+        again = _overlap(io, res_b)
+        if again:
+            notes.append(f"{b.name}'s own {d.name} re-read pages already resident: " + ", ".join(map(str, again)))
+        for err in doors.manifest_errors(seen_b, want):
+            problems.append((shape, MANIFEST_RULE, b.name, err, ""))
+    for n in notes:
+        problems.append((shape, SHARING_RULE, "sharing", n, ""))
+    if notes:
+        return "NOT SHARED: " + "; ".join(notes)
+    return "shared (other member: resident" + (")" if d.name in IO_AGAIN else ", no I/O)")
+
+
 @pytest.mark.parametrize("layout", list(SHAPE_LAYOUTS))
 @pytest.mark.parametrize("door", [d.name for d in doors.DOORS])
 def test_door_matches_the_twin(sharing, pc_images, domain, io_trace, artifacts, door, layout):
@@ -73,33 +99,20 @@ def test_door_matches_the_twin(sharing, pc_images, domain, io_trace, artifacts, 
         _cold(fa, ft)
         seen_a = d.run(fa, size, scratch)
         seen_t = d.run(ft, size, scratch)
+        fills = d.fills and shared_file and size
+        if fills:   # what the door left in the page cache each side's mapping shows
+            res_a = doors.resident(fa)
+            seen_a["resident"], seen_t["resident"] = doors.runs(res_a), doors.runs(doors.resident(ft))
         v = doors.compare(door, shape, layout, shared_file, seen_a, seen_t, want, normalize)
         for key, s, t, rule in v.differs:
             if rule is None:
                 problems.append((shape, TWIN_RULE, key, s, t))
         for who, err in v.manifest:
             problems.append((shape, MANIFEST_RULE, who, err, ""))
-        if d.fills and shared_file and size:
-            res_b, res_t = doors.resident(fb), doors.resident(ft)
-            notes = []
-            if res_b != res_t or not any(res_b):
-                notes.append(f"resident through {b.name}: {doors.runs(res_b)}, through the twin: {doors.runs(res_t)}")
-            if door not in IO_AGAIN:
-                nid = os.stat(fb).st_ino
-                io_trace.take()
-                seen_b = d.run(fb, size, scratch)
-                io = [e for e in io_trace.take() if not e.directory and e.nid == nid and e.dev in (a.dev, b.dev)]
-                again = _overlap(io, res_b)
-                if again:
-                    notes.append(f"{b.name}'s own {door} re-read pages already resident: " + ", ".join(map(str, again)))
-                for err in doors.manifest_errors(seen_b, want):
-                    problems.append((shape, MANIFEST_RULE, b.name, err, ""))
-            if notes:
-                for n in notes:
-                    problems.append((shape, SHARING_RULE, "sharing", n, ""))
-                v.sharing = "NOT SHARED: " + "; ".join(notes)
-            else:
-                v.sharing = "shared (other member: resident" + (")" if door in IO_AGAIN else ", no I/O)")
+        if fills:
+            v.sharing = sharing_check(d, a, b, fb, res_a, size, want, scratch, io_trace,
+                                      explained=[r for k, _, _, r in v.differs if k == "resident" and r],
+                                      problems=problems, shape=shape)
         rows.append({"door": door, "fops": d.fops, "kernel": os.uname().release, "layout": layout,
                      "shape": shape, "size": size, "datalayout": layout_of(image, shape) if size else None,
                      "shared_file": shared_file,

@@ -54,10 +54,13 @@ def test_manifest_errors_name_the_offset():
 
 
 def test_twin_oracle_flags_differences_a_rule_does_not_explain():
-    v = doors.compare("o-direct", "one-block", "plain", True, {"open": "EINVAL"},
-                      {"open": 0, "pieces": [(0, 3, b"abc")]}, b"abc")
-    assert [(k, r) for k, _, _, r in v.differs] == [("open", "NO_DIRECT_IO"), ("pieces", None)]
-    assert v.unexplained and v.result().startswith("DIFFERS from twin: pieces")
+    v = doors.compare("o-direct", "one-block", "plain", True, {"open": "EINVAL", "x": 1},
+                      {"open": 0, "pieces": [(0, 3, b"abc")], "x": 2}, b"abc")
+    assert [(k, r) for k, _, _, r in v.differs] == [("open", "NO_DIRECT_IO"), ("pieces", "NO_DIRECT_IO"), ("x", None)]
+    assert v.unexplained and v.result().startswith("DIFFERS from twin: x")
+    # a rule explains only what it predicts: another errno is not NO_DIRECT_IO's
+    v = doors.compare("o-direct", "one-block", "plain", True, {"open": "EPERM"}, {"open": 0}, b"abc")
+    assert v.unexplained
     # the same difference on a file that is not shared is not the rule's
     v = doors.compare("o-direct", "empty", "plain", False, {"open": "EINVAL"}, {"open": 0}, b"")
     assert v.unexplained
@@ -92,3 +95,18 @@ def test_doors_table_renders_from_the_rows(tmp_path):
             check=False, cwd=REPO)
     assert r.returncode == 2 and "no doors.jsonl rows" in r.stderr
     assert isinstance(r, subprocess.CompletedProcess)
+
+
+def test_rules_check_what_they_predict():
+    size = 1 << 20
+    seek = doors.compare("lseek", "sparse", "chunked", True, {"HOLE 0": size, "DATA 4096": 4096},
+                         {"HOLE 0": 4096, "DATA 4096": 524288}, bytes(size))
+    assert [r for *_, r in seek.differs] == ["GENERIC_SEEK", "GENERIC_SEEK"]
+    wrong = doors.compare("lseek", "sparse", "chunked", True, {"HOLE 0": 4096 * 3}, {"HOLE 0": 4096}, bytes(size))
+    assert wrong.unexplained
+    ra = doors.compare("readahead", "big", "plain", True, {"resident_after": "0-31"},
+                       {"resident_after": "0-319"}, bytes(size))
+    assert not ra.unexplained
+    ra = doors.compare("readahead", "big", "plain", True, {"resident_after": "0-15"},
+                       {"resident_after": "0-319"}, bytes(size))
+    assert ra.unexplained
