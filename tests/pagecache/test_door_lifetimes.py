@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import json
 import mmap
 import os
 
@@ -166,7 +167,7 @@ SCENARIOS = {"mapping": _mapping_steps, "fork": _fork_steps, "pipe": _pipe_steps
 
 @pytest.mark.parametrize("layout", ["plain", "lz4"])
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
-def test_held_pages_outlive_the_file_and_the_mount(pc_mounts, pc_images, domain, scenario, layout):
+def test_held_pages_outlive_the_file_and_the_mount(pc_mounts, pc_images, domain, artifacts, scenario, layout):
     image = pc_images[f"shapes-{layout}"]
     want = image.files[FILE]
     d = domain()
@@ -181,6 +182,8 @@ def test_held_pages_outlive_the_file_and_the_mount(pc_mounts, pc_images, domain,
     probe.drop_caches(2)
     fresh = pc_mounts.mount(image, domain_id=d)
     left = doors.runs(doors.resident(fresh.path / FILE))
+    (artifacts / "lifetime.json").write_text(json.dumps({"scenario": scenario, "layout": layout, "steps": rows,
+                                                        "resident_for_a_new_member": left}, indent=1))
     if bad or len(got_s) != len(got_t) or left != "none":
         pytest.fail(f"door {scenario} ({layout} image), rule {LIFETIME_RULE}\n\n"
                     + tabulate(rows, headers=["step", "shared file", "twin"])
