@@ -126,7 +126,7 @@ def test_door_matches_the_twin(sharing, pc_images, domain, io_trace, artifacts, 
             problems.append((shape, MANIFEST_RULE, who, err, ""))
         if fills:
             v.sharing = sharing_check(d, a, b, fb, res_a, size, want, scratch, io_trace,
-                                      explained=[r for k, _, _, r in v.differs if k == "resident" and r],
+                                      explained=[r for *_, r in v.differs if r],
                                       problems=problems, shape=shape)
         rows.append({"door": door, "fops": d.fops, "kernel": os.uname().release, "layout": layout,
                      "shape": shape, "size": size, "datalayout": layout_of(image, shape) if size else None,
