@@ -71,4 +71,40 @@ def recipes() -> dict[str, dict]:
     for case in CRAFTED:
         files, crafted = crafted_files(case)
         out[f"crafted-{case}"] = dict(files=files, crafted=crafted)
+    for layout, kw in SHAPE_LAYOUTS.items():
+        out[f"shapes-{layout}"] = dict(files=SHAPES, **kw)
     return out
+
+
+# ---- file shapes for the doors (tests/pagecache/test_doors.py)
+RA_WINDOW = 128 << 10       # VM_READAHEAD_PAGES: the default readahead window
+BIG_FOLIO = 2 << 20         # the largest folio on x86-64 (PMD size)
+
+
+def _sparse(size: int) -> bytes:
+    """Data at the start, in the middle and at the end; zero blocks (holes, where kept) between."""
+    out = bytearray(size)
+    for at in (0, size // 2 & ~4095, size - 100):
+        piece = text(f"sparse-{at}", 4096)
+        out[at:at + len(piece)] = piece[:size - at]
+    return bytes(out)
+
+
+SHAPES = {
+    "empty": b"",
+    "1-byte": b"x",
+    "one-block": text("one-block", 4096),
+    "3-pages+1": text("three-pages", 3 * 4096 + 1),           # straddles an order-1 folio
+    "ra-window+1": text("ra-window", RA_WINDOW + 1),           # one byte past the readahead window
+    "big-folio+": text("big", BIG_FOLIO + 4096 + 17),          # larger than the largest folio
+    "sparse": _sparse(1 << 20),                                # holes in chunk-indexed layouts
+}
+
+# layout -> build() arguments: plain (mkfs' default: tail packed inline), chunk-indexed with 4 KiB
+# chunks (mkfs keeps holes only there: erofs_blob_write_chunked_file(); the plain layout writes
+# zeros, erofs_write_unencoded_data()), and lz4 (files mkfs cannot shrink stay plain).
+SHAPE_LAYOUTS = {
+    "plain": dict(sparse=True),
+    "chunked": dict(sparse=True, mkfs_args=("--chunksize=4096",)),
+    "lz4": dict(sparse=True, compress=True, all_compressed=False),
+}

@@ -113,28 +113,57 @@ def _layout(dump: str, image: Path, path: str) -> int:
     return int(m.group(1))
 
 
+def layout_of(image: PcImage, path: str, dump: str | None = None) -> int:
+    """The data layout dump.erofs reports for one file (0 plain, 1/3 compressed, 2 inline, 4 chunk-based)."""
+    mkfs = os.environ.get("MKFS_EROFS") or "mkfs.erofs"
+    return _layout(dump or os.environ.get("DUMP_EROFS") or str(Path(mkfs).with_name("dump.erofs")), image.path, path)
+
+
 COMPRESSED_LAYOUTS = (1, 3)   # EROFS_INODE_COMPRESSED_FULL, _COMPACT
 
 
+def write_sparse(path: Path, data: bytes, block: int = 4096) -> None:
+    """Write `data` leaving every all-zero `block` a hole (mkfs.erofs finds holes with SEEK_DATA)."""
+    with open(path, "wb") as f:
+        zero = bytes(block)
+        for off in range(0, len(data), block):
+            chunk = data[off:off + block]
+            if chunk != zero[:len(chunk)]:
+                f.seek(off)
+                f.write(chunk)
+        f.truncate(len(data))
+
+
 def build(dest: Path, files: dict[str, bytes], *, compress: bool = False, digests: bool = True,
-          crafted: dict[str, bytes] | None = None, mkfs: str | None = None, dump: str | None = None) -> PcImage:
-    """Write `files` into a tree and build `dest` from it (kept if built before with the same inputs)."""
+          crafted: dict[str, bytes] | None = None, mkfs: str | None = None, dump: str | None = None,
+          mkfs_args: tuple[str, ...] = (), sparse: bool = False, all_compressed: bool = True) -> PcImage:
+    """Write `files` into a tree and build `dest` from it (kept if built before with the same inputs).
+
+    `sparse` writes every all-zero 4 KiB block of the files as a hole; `mkfs_args` go to
+    mkfs.erofs as they are (`--chunksize=4096`); `all_compressed=False` lets a compressed image
+    keep files mkfs stored plain (too small or incompressible)."""
     mkfs = mkfs or config.current().mkfs or "mkfs.erofs"
     dump = dump or config.current().dump or str(Path(mkfs).with_name("dump.erofs"))
     crafted = dict(crafted or {})
     meta = dest.with_suffix(".json")
-    recipe = hashlib.sha256(json.dumps(
-        [sorted((p, hashlib.sha256(d).hexdigest()) for p, d in files.items()), compress, digests,
-         sorted((p, v.hex()) for p, v in crafted.items()), mkfs]).encode()).hexdigest()
+    inputs = [sorted((p, hashlib.sha256(d).hexdigest()) for p, d in files.items()), compress, digests,
+              sorted((p, v.hex()) for p, v in crafted.items()), mkfs]
+    if mkfs_args or sparse:
+        inputs += [list(mkfs_args), sparse]
+    recipe = hashlib.sha256(json.dumps(inputs).encode()).hexdigest()
     if not (dest.exists() and meta.exists() and json.loads(meta.read_text()).get("recipe") == recipe):
         tree = dest.with_name(dest.name + ".tree")
         shutil.rmtree(tree, ignore_errors=True)
         for p, data in files.items():
             (tree / p).parent.mkdir(parents=True, exist_ok=True)
-            (tree / p).write_bytes(data)
+            if sparse:
+                write_sparse(tree / p, data)
+            else:
+                (tree / p).write_bytes(data)
         argv = [mkfs, "--quiet", "-T0", "--all-root"]
         argv += ["--xattr-inode-digest"] if digests else []
         argv += ["-zlz4"] if compress else []
+        argv += list(mkfs_args)
         try:
             cmd([*argv, dest, tree])
         except CmdError as e:
@@ -152,7 +181,7 @@ def build(dest: Path, files: dict[str, bytes], *, compress: bool = False, digest
     for p, data in files.items():
         value = crafted.get(p, mkfs_digest(data)) if digests else None
         is_z = compress and bool(data) and _layout(dump, dest, p) in COMPRESSED_LAYOUTS
-        if compress and data and not is_z:
+        if compress and data and not is_z and all_compressed:
             raise ImageBuildError(f"{p} of {dest} was stored uncompressed: give it compressible data")
         specs[p] = FileSpec(p, len(data), value, compressed=is_z)
     return PcImage(dest, dict(files), specs, digests, compress, crafted)
