@@ -80,9 +80,18 @@ def _fsconfig(fstype: str, key: str, value: str | None) -> int | None:
         os.close(fd)
 
 
+def registered(fstype: str, proc: Path = Path("/proc/filesystems")) -> bool:
+    try:
+        return any(line.split()[-1] == fstype for line in proc.read_text().splitlines() if line.strip())
+    except OSError:
+        return False
+
+
 def option_known(key: str, value: str | None = None, fsconfig: Callable = _fsconfig) -> Answer:
     """erofs_fc_parse_param() knows `key` (fsconfig() answers 0; an unknown one is EINVAL). Nothing
     is mounted: the context is dropped unused."""
+    if fsconfig is _fsconfig and not registered("erofs"):
+        return None  # fsopen() would load the module (request_module): not on the host's behalf
     rc = fsconfig("erofs", key, value)
     shown = key if value is None else f"{key}={value}"
     if rc is None:
