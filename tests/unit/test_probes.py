@@ -7,7 +7,8 @@ import errno
 import pytest
 
 from erofs_domains.guest import kernel_probes as probes
-from erofs_domains.guest.kernel_features import RULES, KernelFeatures, Requirements, probe_verdict
+from erofs_domains.guest.kernel_features import RULES, KernelFeatures, probe_verdict
+from fixtures.requirements import Requirements
 from tests.unit.test_kernel_rules import FSCACHE_CONFIG
 
 TRACE = {"CONFIG_EVENT_TRACING": "y"}
