@@ -115,8 +115,8 @@ def _layout(dump: str, image: Path, path: str) -> int:
 
 def layout_of(image: PcImage, path: str, dump: str | None = None) -> int:
     """The data layout dump.erofs reports for one file (0 plain, 1/3 compressed, 2 inline, 4 chunk-based)."""
-    mkfs = os.environ.get("MKFS_EROFS") or "mkfs.erofs"
-    return _layout(dump or os.environ.get("DUMP_EROFS") or str(Path(mkfs).with_name("dump.erofs")), image.path, path)
+    mkfs = config.current().mkfs or "mkfs.erofs"
+    return _layout(dump or config.current().dump or str(Path(mkfs).with_name("dump.erofs")), image.path, path)
 
 
 COMPRESSED_LAYOUTS = (1, 3)   # EROFS_INODE_COMPRESSED_FULL, _COMPACT
