@@ -84,16 +84,16 @@ def test_one_work_root(monkeypatch, tmp_path):
 
 
 def test_results_given_once_reach_every_writer(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # install() below rewrites this process's environment
     """--results DIR: the artifacts, the crash reports' console folder and the Hypothesis
     databases all go there (they are resolved from the run configuration when used, not
     fixed when a module is imported)."""
     from fixtures import plugin
 
-    config.install(config.current().replace(results=tmp_path / "asked"))
+    config.install(config.current().replace(results=tmp_path / "asked", ci=False))  # CI keeps no database
     try:
         assert plugin.test_dir("tests/fscache/test_x.py::t").is_relative_to(tmp_path / "asked")
         assert plugin.results_dir() == tmp_path / "asked"
-        monkeypatch.setattr(config.RunConfig, "ci", False)
         db = plugin.model_database("hypothesis")
         assert Path(db.path).is_relative_to(tmp_path / "asked")
     finally:
