@@ -84,10 +84,10 @@ def test_one_work_root(monkeypatch, tmp_path):
 
 
 def test_results_given_once_reach_every_writer(tmp_path, monkeypatch):
-    monkeypatch.setattr(os, "environ", dict(os.environ))  # install() below rewrites this process's environment
     """--results DIR: the artifacts, the crash reports' console folder and the Hypothesis
     databases all go there (they are resolved from the run configuration when used, not
     fixed when a module is imported)."""
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # install() below rewrites this process's environment
     from fixtures import plugin
 
     config.install(config.current().replace(results=tmp_path / "asked", ci=False))  # CI keeps no database
