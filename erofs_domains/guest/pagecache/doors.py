@@ -30,13 +30,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-PAGE = os.sysconf("SC_PAGE_SIZE")
+from erofs_domains.guest.pagecache import probe
+
+PAGE = probe.PAGE
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 MAP_FAILED = ctypes.c_void_p(-1).value
 
@@ -66,26 +67,7 @@ def _oserr(what: str) -> OSError:
 
 
 # ------------------------------------------------------------------ residency
-def resident(path: str | os.PathLike) -> list[int]:
-    """Per page, 1 if the page cache an mmap of `path` maps holds it (mincore)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        if not size:
-            return []
-        pages = -(-size // PAGE)
-        addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        if addr in (None, MAP_FAILED):
-            raise _oserr(f"mmap {path}")
-        try:
-            vec = ctypes.create_string_buffer(pages)
-            if _libc.mincore(addr, size, vec) != 0:
-                raise _oserr(f"mincore {path}")
-            return [b & 1 for b in vec.raw[:pages]]
-        finally:
-            _libc.munmap(addr, size)
-    finally:
-        os.close(fd)
+resident = probe.page_residency
 
 
 def settled(path, bound: float = 3.0) -> list[int]:

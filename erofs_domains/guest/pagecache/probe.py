@@ -34,13 +34,13 @@ def _err(what: str) -> OSError:
     return OSError(e, f"{what}: {os.strerror(e)}")
 
 
-def resident_pages(path: str | os.PathLike) -> tuple[int, int]:
-    """(pages resident, pages of the file) of the page cache an mmap of `path` maps."""
+def page_residency(path: str | os.PathLike) -> list[int]:
+    """Per page, 1 if the page cache an mmap of `path` maps holds it (mincore)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
         if size == 0:
-            return 0, 0
+            return []
         pages = -(-size // PAGE)
         addr = _libc.mmap(None, size, PROT_READ, MAP_SHARED, fd, 0)
         if addr in (None, MAP_FAILED):
@@ -49,11 +49,17 @@ def resident_pages(path: str | os.PathLike) -> tuple[int, int]:
             vec = ctypes.create_string_buffer(pages)
             if _libc.mincore(addr, size, vec) != 0:
                 raise _err(f"mincore {path}")
-            return sum(b & 1 for b in vec.raw[:pages]), pages
+            return [b & 1 for b in vec.raw[:pages]]
         finally:
             _libc.munmap(addr, size)
     finally:
         os.close(fd)
+
+
+def resident_pages(path: str | os.PathLike) -> tuple[int, int]:
+    """(pages resident, pages of the file) of the page cache an mmap of `path` maps."""
+    pages = page_residency(path)
+    return sum(pages), len(pages)
 
 
 def file_ops(path: str | os.PathLike) -> str:
