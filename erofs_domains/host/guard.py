@@ -24,17 +24,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from erofs_domains.base import config, crash_patterns
+from erofs_domains.base import crash_patterns
 
 # The guest is dying (a real lockup outlives the test's bound instead: `TestClock`).
 CRASH_RE = crash_patterns.CRASH
 END_RE = crash_patterns.REPORT_END
-DEFAULT_LIFETIME = config.DEFAULT_LIFETIME
-
-
-def lifetime_from_env() -> float:
-    """`EROFS_TEST_VM_LIFETIME` seconds (0 or less: no bound)."""
-    return config.current().vm_lifetime
 
 
 @dataclass

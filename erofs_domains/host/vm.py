@@ -139,7 +139,7 @@ class GuestRun:
     cwd: Path = REPO
     interactive: bool = False
     state_file: Path | None = None  # the running test and its bound, written by the guest
-    lifetime: float = field(default_factory=guard.lifetime_from_env)
+    lifetime: float = field(default_factory=lambda: config.current().vm_lifetime)  # 0 or less: no bound
 
     def vng_argv(self) -> list[str]:
         argv = [vng_path(), "--run", str(self.kernel), "--force-9p", "--user", "root",
